@@ -1,0 +1,5 @@
+import sys
+
+from sd_distill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""``sd-distill``: run the stages of the distillation DAG, one at a time or all through DVC."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  sd-distill stages                         the DAG, in order, with inputs and outputs
+  sd-distill params --set teacher.unet_train.steps=50
+  sd-distill run prepare                    one stage, reading ./params.yaml
+  sd-distill run teacher --resume           continue from the stage's last checkpoint
+  sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
+  sd-distill sample models/teacher --prompt "a handwritten digit seven" --steps 64 --guidance 7.5 --out seven.png
+"""
+
+
+def _params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", type=Path, help="params file (default: ./params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one param for this run (YAML value); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd-distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Distill a Stable Diffusion teacher into fast, small students. Every stage reads its "
+                    "section of params.yaml; profiles: tiny (CPU, minutes), smoke (tests), sd15 (GPUs).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("stages", help="list the stages in DAG order with inputs and outputs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("params", help="print the resolved params (profile preset + params.yaml + --set)")
+    _params_args(p)
+
+    p = sub.add_parser("run", help="run one stage in the current project folder")
+    p.add_argument("stage", help="stage name (see `sd-distill stages`)")
+    _params_args(p)
+    p.add_argument("--resume", action="store_true", help="continue training from the stage's last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="resolve and print the params, run nothing")
+
+    p = sub.add_parser("repro", help="run the DAG with `dvc repro` under one MLflow parent run")
+    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc repro`")
+
+    p = sub.add_parser("dvc", help="write dvc.yaml from the stage registry")
+    p.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not up to date, write nothing")
+
+    p = sub.add_parser("sample", help="sample one image from a diffusers model folder")
+    p.add_argument("model_dir", type=Path, help="a StableDiffusionPipeline folder, e.g. models/teacher")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=64, help="sampling steps (default 64)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale, 1 disables (default 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("sample.png"), help="PNG to write (default sample.png)")
+    p.add_argument("--scale", type=int, default=1, help="upscale the PNG by this factor (nearest), for tiny models")
+    return parser
+
+
+def cmd_stages(args) -> int:
+    from sd_distill import registry
+
+    rows = [{"name": s.name, "doc": s.doc, "after": registry.upstream(s), "params": s.params_section,
+             "inputs": s.inputs, "outputs": s.produced, "resources": vars(s.resources)} for s in registry.STAGES]
+    if args.json:
+        print(json.dumps({"stages": rows, "edges": registry.edges()}, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<10} {r['doc']}")
+        print(f"{'':<10} after: {', '.join(r['after']) or '-'}")
+        print(f"{'':<10} in:    {', '.join(r['inputs'].values()) or '-'}")
+        print(f"{'':<10} out:   {', '.join(r['outputs'].values())}")
+    return 0
+
+
+def cmd_params(args) -> int:
+    from sd_distill.params import resolve
+
+    print(resolve(args.params, args.overrides).to_json())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from sd_distill import registry
+    from sd_distill.params import resolve
+
+    stage = registry.get(args.stage)
+    params = resolve(args.params, args.overrides)
+    if args.dry_run:
+        print(json.dumps(params.for_stage(stage.params_section), indent=2))
+        return 0
+    from sd_distill.runner import run_stage
+
+    summary = run_stage(stage.name, params, root=args.params.resolve().parent, resume=args.resume)
+    print(json.dumps({"stage": stage.name, **summary}, indent=2))
+    return 0
+
+
+def cmd_repro(args) -> int:
+    from sd_distill import tracking
+    from sd_distill.params import resolve
+
+    params = resolve(Path("params.yaml"))
+    with tracking.pipeline_run(Path("."), params.profile) as run_id:
+        logging.getLogger("sd_distill").info("MLflow parent run %s", run_id)
+        rc = subprocess.call(["dvc", "repro", *args.dvc_args], env=os.environ.copy())
+        if rc:
+            raise SystemExit(rc)
+    return 0
+
+
+def cmd_dvc(args) -> int:
+    from sd_distill import dvcgen
+
+    path = Path("dvc.yaml")
+    if args.check:
+        if not path.is_file() or path.read_text() != dvcgen.render():
+            print("dvc.yaml is out of date with the stage registry; run `sd-distill dvc`", file=sys.stderr)
+            return 1
+        return 0
+    print("dvc.yaml " + ("written" if dvcgen.write(path) else "already up to date"))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from PIL import Image
+
+    from sd_distill.models.parts import load_pipeline
+
+    pipe = load_pipeline(args.model_dir)
+    image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                 generator=torch.Generator().manual_seed(args.seed)).images[0]
+    if args.scale > 1:
+        image = image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out} ({image.width}x{image.height})")
+    return 0
+
+
+COMMANDS = {"stages": cmd_stages, "params": cmd_params, "run": cmd_run, "repro": cmd_repro, "dvc": cmd_dvc,
+            "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # transformers warns at import that torchvision is absent; sd-distill uses no image processors
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sd_distill.errors import UserError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        print(f"sd-distill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Stable Diffusion's own parts, built from configs (no download), and the pipeline folder they make."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sd_distill.params import TeacherParams, TextArch, UnetArch, VaeArch
+
+
+def build_vae(arch: VaeArch) -> AutoencoderKL:
+    n = len(arch.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(arch.block_out_channels),
+        layers_per_block=arch.layers_per_block,
+        latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_num_groups,
+    )
+
+
+def build_text_encoder(arch: TextArch, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        max_position_embeddings=arch.max_length,
+        projection_dim=arch.hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(arch: UnetArch, sample_size: int, in_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """SD v1.5's block layout, narrower: cross-attention down/up stages around one plain innermost stage."""
+    n = len(arch.block_out_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=tuple(arch.block_out_channels),
+        layers_per_block=arch.layers_per_block,
+        attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def noise_schedule_kwargs(p: TeacherParams) -> dict:
+    """SD v1's training schedule: scaled-linear betas, epsilon prediction."""
+    return dict(num_train_timesteps=p.num_train_timesteps, beta_start=p.beta_start, beta_end=p.beta_end,
+                beta_schedule="scaled_linear", prediction_type="epsilon")
+
+
+def build_noise_scheduler(p: TeacherParams) -> DDPMScheduler:
+    return DDPMScheduler(**noise_schedule_kwargs(p), clip_sample=False)
+
+
+def build_sampling_scheduler(p: TeacherParams) -> DDIMScheduler:
+    # SD v1's DDIM settings (set_alpha_to_one=False, steps_offset=1).
+    return DDIMScheduler(**noise_schedule_kwargs(p), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def assemble(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a diffusers folder offline with an error that says what is missing."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json); "
+                                "run the stage that writes it first, e.g. `sd-distill run teacher`")
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

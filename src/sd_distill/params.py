@@ -1,0 +1,293 @@
+"""Typed parameters: one frozen section per stage plus ``base``, resolved in layers.
+
+Resolution order (later wins): schema defaults (the ``tiny`` profile) <- the profile preset in
+``PROFILES`` <- the sections of ``params.yaml`` <- ``--set section.key=value`` overrides.
+Every stage receives ``base`` and its own section only. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from sd_distill.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILE_NAMES = ("tiny", "smoke", "sd15")
+
+
+class ParamsError(UserError, ValueError):
+    """A params file or override that cannot be used; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- shared pieces
+class TrainParams(Section):
+    """One training loop's knobs (see ``training.loop.train``)."""
+
+    steps: int = Field(1200, ge=1, description="optimizer steps")
+    batch_size: int = Field(128, ge=1, description="samples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1, description="0 turns EMA off")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1, description="steps between logged losses")
+
+
+class VaeArch(Section):
+    """``diffusers.AutoencoderKL`` shape; the spatial factor is 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+
+
+class TextArch(Section):
+    """``transformers.CLIPTextModel`` shape; the vocabulary comes from the captions."""
+
+    hidden_size: int = Field(32, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(64, ge=8)
+    max_length: int = Field(16, ge=4, description="tokens per prompt incl. BOS/EOS")
+
+
+class UnetArch(Section):
+    """``diffusers.UNet2DConditionModel`` shaped like SD's: cross-attention in all but the innermost stage."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = Field(2, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "UnetArch":
+        if len(self.block_out_channels) < 2:
+            raise ValueError("block_out_channels needs at least 2 stages")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"every channel count must be divisible by norm_num_groups={self.norm_num_groups}, found {c}")
+        return self
+
+
+# --------------------------------------------------------------------------- sections
+class BaseParams(Section):
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_model_artifacts: bool = Field(True, description="copy output model folders into the MLflow run")
+
+
+class ClassifierParams(Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    width: int = Field(32, ge=4)
+
+
+DEFAULT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "a photo of the handwritten number {word}",
+    "the digit {word}, written by hand",
+    "a scan of a handwritten {word}",
+)
+
+
+class PrepareParams(Section):
+    source: Literal["digits", "folder", "parquet", "webdataset"] = "digits"
+    path: str | None = Field(None, description="input folder / parquet file or folder / tar shard folder")
+    resolution: int = Field(16, ge=8, le=2048, description="output side in pixels (square)")
+    min_size: int = Field(8, ge=1, description="reject images whose shorter side is below this")
+    val_fraction: float = Field(0.1, ge=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    max_reject_rate: float = Field(0.05, ge=0, le=1)
+    shard_size: int = Field(1000, ge=1, description="samples per tar shard")
+    max_images: int | None = Field(None, ge=1)
+    captions_file: str = Field("metadata.jsonl", description="folder source: JSON lines with file_name and caption")
+    image_column: str = "image"
+    caption_column: str = "text"
+    score_column: str | None = None
+    min_score: float | None = None
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    classifier: ClassifierParams = ClassifierParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrepareParams":
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"source={self.source!r} needs prepare.path (a local folder or file)")
+        if (self.score_column is None) != (self.min_score is None):
+            raise ValueError("score_column and min_score go together: set both or neither")
+        for t in self.templates:
+            if "{word}" not in t:
+                raise ValueError(f"every template needs a {{word}} placeholder, found {t!r}")
+        return self
+
+
+class TeacherParams(Section):
+    source: str | None = Field(None, description="sd15: hub id or local diffusers folder; tiny/smoke: train")
+    vae: VaeArch = VaeArch()
+    text_encoder: TextArch = TextArch()
+    unet: UnetArch = UnetArch()
+    vae_train: TrainParams = TrainParams(steps=400, learning_rate=1e-3, ema_decay=0.0, warmup_steps=20)
+    unet_train: TrainParams = TrainParams()
+    kl_weight: float = Field(1e-6, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of captions replaced by '' (for CFG)")
+    snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+
+
+class EvaluateParams(Section):
+    steps: int = Field(64, ge=1, description="teacher sampling steps (DDIM)")
+    guidance: float = Field(7.5, ge=1, description="classifier-free guidance scale, diffusers convention")
+    samples_per_prompt: int = Field(50, ge=1)
+    batch_size: int = Field(125, ge=1)
+    prompt_template: str = "a handwritten digit {word}"
+    grid_columns: int = Field(10, ge=1)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "base": BaseParams,
+    "prepare": PrepareParams,
+    "teacher": TeacherParams,
+    "evaluate": EvaluateParams,
+}
+
+# Profile presets: only what differs from the schema defaults (which are the tiny profile).
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "smoke": {
+        "prepare": {"max_images": 400, "shard_size": 150, "max_reject_rate": 0.1, "classifier": {"epochs": 10}},
+        "teacher": {
+            "vae": {"block_out_channels": [8, 16], "norm_num_groups": 8},
+            "text_encoder": {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32},
+            "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "attention_head_dim": 4},
+            "vae_train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
+            "unet_train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 0},
+        },
+        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20},
+    },
+    "sd15": {
+        "base": {"device": "cuda", "mixed_precision": "bf16", "log_model_artifacts": False},
+        "prepare": {"source": "folder", "path": "data/raw", "resolution": 512, "min_size": 512,
+                    "max_reject_rate": 0.2, "shard_size": 2000},
+        "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
+        "evaluate": {"samples_per_prompt": 1, "batch_size": 8},
+    },
+}
+
+
+def _merge(into: dict, patch: dict) -> dict:
+    out = copy.deepcopy(into)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["teacher.unet_train.steps=10"]`` -> ``{"teacher": {"unet_train": {"steps": 10}}}`` (values are YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ParamsError(f"--set {item!r}: expected section.key=value, for example teacher.unet_train.steps=100")
+        if parts[0] not in SECTIONS:
+            raise ParamsError(f"--set {item!r}: unknown section {parts[0]!r}; allowed: {', '.join(SECTIONS)}")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _format_error(where: str, section: str, err: ValidationError, model: type[Section]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in (section, *e["loc"]))
+        if e["type"] == "extra_forbidden":
+            parent = model
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part))
+                ann = getattr(field, "annotation", None)
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
+            allowed = ", ".join(parent.model_fields)
+            lines.append(f"{where}: {loc}: unknown key; allowed keys here: {allowed}")
+        else:
+            found = e.get("input")
+            found_s = "" if isinstance(found, dict) else f" (found {found!r})"
+            lines.append(f"{where}: {loc}: {e['msg']}{found_s}")
+    return "\n".join(lines)
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
+    allowed = {"profile", *SECTIONS}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    for name in SECTIONS:
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ParamsError(f"{path}: section {name!r} must be a mapping, found {type(raw[name]).__name__}")
+    return raw
+
+
+def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> "Params":
+    """Read, layer and validate all sections; raises ``ParamsError`` naming every bad key."""
+    path = Path(path)
+    raw = read_params_file(path)
+    profile = raw.get("profile", "tiny")
+    if profile not in PROFILES:
+        raise ParamsError(f"{path}: profile: expected one of {', '.join(PROFILE_NAMES)}, found {profile!r}")
+    patch = parse_set(overrides)
+    sections, errors = {}, []
+    for name, model in SECTIONS.items():
+        data = _merge(PROFILES[profile].get(name, {}), raw.get(name) or {})
+        data = _merge(data, patch.get(name, {}))
+        try:
+            sections[name] = model.model_validate(data)
+        except ValidationError as exc:
+            errors.append(_format_error(str(path), name, exc, model))
+    if errors:
+        raise ParamsError("\n".join(errors))
+    return Params(profile=profile, **sections)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    profile: Literal["tiny", "smoke", "sd15"]
+    base: BaseParams
+    prepare: PrepareParams
+    teacher: TeacherParams
+    evaluate: EvaluateParams
+
+    def for_stage(self, section: str) -> dict[str, Any]:
+        """What a stage sees and records: ``profile``, ``base`` and its own section."""
+        return {"profile": self.profile, "base": self.base.model_dump(mode="json"),
+                section: getattr(self, section).model_dump(mode="json")}
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)

@@ -1,0 +1,148 @@
+"""Stage ``teacher``: the epsilon-prediction latent diffusion teacher every later stage distills from.
+
+tiny/smoke: trained from scratch on the prepared digits out of Stable Diffusion's own parts (an
+``AutoencoderKL`` trained first, a frozen CLIP text encoder with an offline tokenizer, an SD-shaped
+``UNet2DConditionModel``), with caption dropout so classifier-free guidance works.
+sd15: ``teacher.source`` (a hub id or a local diffusers folder) is loaded and saved as the same folder.
+Output ``models/teacher/``: a stock ``StableDiffusionPipeline`` folder (safetensors).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sd_distill.data.shards import Split, read_split
+from sd_distill.models import parts
+from sd_distill.models.tokenizer import build_tokenizer
+from sd_distill.params import BaseParams, TeacherParams
+from sd_distill.training.loop import MetricsFn, train
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(base: BaseParams) -> str:
+    if base.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device=cuda but no CUDA device is visible; set base.device=cpu or auto")
+    return base.device
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """(N, max_length, hidden) last hidden states, as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-gamma weights for an epsilon target, min(SNR, gamma) / SNR (Hang et al. 2023, eq. 10)."""
+    if gamma is None:
+        return torch.ones_like(t, dtype=torch.float32)
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
+def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *, resume: bool = False,
+                  on_metrics: MetricsFn | None = None):
+    """Train VAE, then UNet, on ``data`` (N, H, W, 3 uint8 + captions); returns a ``StableDiffusionPipeline``."""
+    device = pick_device(base)
+    cpu = device == "cpu"
+    seed = base.seed
+    torch.manual_seed(seed)
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+    n = len(images)
+
+    tokenizer = build_tokenizer(data.captions, p.text_encoder.max_length)
+    text_encoder = parts.build_text_encoder(p.text_encoder, tokenizer).eval().requires_grad_(False)
+    prompts = sorted(set(data.captions))
+    prompt_index = torch.tensor([prompts.index(c) for c in data.captions])
+    table = encode_prompts(tokenizer, text_encoder, prompts + [""])  # last row: the unconditional ""
+
+    # 1. the autoencoder (Rombach et al. 2022, sec. 3: reconstruction + a small KL toward N(0, I))
+    vae = parts.build_vae(p.vae)
+
+    def vae_batch(step, micro, gen):
+        return images[torch.randint(0, n, (p.vae_train.batch_size,), generator=gen)]
+
+    def vae_loss(model, x, gen):
+        x = x.to(next(model.parameters()).device)
+        posterior = model.encode(x).latent_dist
+        recon = model.decode(posterior.sample(generator=None if x.is_cuda else gen)).sample
+        mse = F.mse_loss(recon.float(), x)
+        kl = posterior.kl().mean()
+        return mse + p.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+    vae = train(vae, vae_loss, vae_batch, p.vae_train, work / "vae", seed=seed, resume=resume,
+                mixed_precision=base.mixed_precision, cpu=cpu, name="vae", on_metrics=on_metrics).model
+    vae.requires_grad_(False)
+
+    # 2. cache latent distributions; SD's scaling factor makes the latents unit variance
+    with torch.no_grad():
+        dists = [vae.encode(images[i:i + 256].to(vae.device)).latent_dist for i in range(0, n, 256)]
+        mean = torch.cat([d.mean for d in dists]).cpu()
+        std = torch.cat([d.std for d in dists]).cpu()
+        sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    scaling = float(1.0 / sample.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log.info("teacher: VAE latents %s, scaling_factor %.4f", tuple(mean.shape[1:]), scaling)
+
+    # 3. the UNet: epsilon prediction on scaled-linear betas, caption dropout for CFG (Ho & Salimans 2022)
+    unet = parts.build_unet(p.unet, sample_size=mean.shape[-1], in_channels=mean.shape[1],
+                            cross_attention_dim=p.text_encoder.hidden_size)
+    noise_scheduler = parts.build_noise_scheduler(p)
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+
+    def unet_batch(step, micro, gen):
+        idx = torch.randint(0, n, (p.unet_train.batch_size,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        rows = prompt_index[idx].clone()
+        rows[torch.rand(len(idx), generator=gen) < p.caption_dropout] = len(prompts)
+        t = torch.randint(0, p.num_train_timesteps, (len(idx),), generator=gen)
+        return z, table[rows], t, torch.randn(z.shape, generator=gen)
+
+    def unet_loss(model, batch, gen):
+        dev = next(model.parameters()).device
+        z, cond, t, noise = (b.to(dev) for b in batch)
+        noisy = noise_scheduler.add_noise(z, noise, t)
+        pred = model(noisy, t, encoder_hidden_states=cond).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        weights = min_snr_weight(alphas_cumprod.to(dev), t, p.snr_gamma)
+        return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
+
+    unet = train(unet, unet_loss, unet_batch, p.unet_train, work / "unet", seed=seed, resume=resume,
+                 mixed_precision=base.mixed_precision, cpu=cpu, name="unet", on_metrics=on_metrics).model
+
+    return parts.assemble(vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), parts.build_sampling_scheduler(p))
+
+
+def fetch_teacher(source: str):
+    """sd15: a hub id or a local diffusers folder, loaded as a ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline
+
+    local = Path(source).exists()
+    if local and not (Path(source) / "model_index.json").is_file():
+        raise FileNotFoundError(f"teacher.source: {source} is a path but holds no model_index.json")
+    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local, safety_checker=None,
+                                                   requires_safety_checker=False)
+
+
+def main(ctx) -> None:
+    p: TeacherParams = ctx.params.teacher
+    if p.source:
+        pipe = fetch_teacher(p.source)
+    else:
+        train_split = read_split(ctx.inputs["data"], "train")
+        pipe = train_teacher(train_split, p, ctx.params.base, ctx.work, resume=ctx.resume,
+                             on_metrics=ctx.log_metrics)
+    pipe.save_pretrained(ctx.outputs["model"], safe_serialization=True)
+    ctx.summary["unet_parameters"] = sum(t.numel() for t in pipe.unet.parameters())
+    ctx.summary["vae_parameters"] = sum(t.numel() for t in pipe.vae.parameters())
+    ctx.summary["text_encoder_parameters"] = sum(t.numel() for t in pipe.text_encoder.parameters())

@@ -1,0 +1,87 @@
+"""MLflow tracking: a parent run per pipeline run, a child run per stage.
+
+The tracking URI defaults to a SQLite file in the project (``MLFLOW_TRACKING_URI`` overrides it). The
+parent run id travels to stage processes in ``SD_DISTILL_PARENT_RUN_ID`` (set by ``sd-distill repro`` and
+by the orchestrators); a stage started without it logs a top-level run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PARENT_ENV = "SD_DISTILL_PARENT_RUN_ID"
+EXPERIMENT = "sd-distill"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+
+
+def _setup(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if mlflow.get_tracking_uri().startswith("sqlite:"):
+            location = (Path(root) / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+@contextmanager
+def stage_run(root: Path, stage: str, params: dict[str, Any], profile: str) -> Iterator[Any]:
+    """Child run named after the stage; ends FAILED when the body raises, KILLED on Ctrl-C."""
+    mlflow = _setup(root)
+    parent = os.environ.get(PARENT_ENV) or None
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent,
+                           tags={"sd_distill.stage": stage, "sd_distill.profile": profile})
+    try:
+        mlflow.log_params(flatten(params))
+        mlflow.log_dict(params, "params.json")
+        yield mlflow
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        del run
+
+
+@contextmanager
+def pipeline_run(root: Path, profile: str, name: str = "pipeline") -> Iterator[str]:
+    """Parent run for one pipeline run; its id is exported to the stage processes started inside."""
+    mlflow = _setup(root)
+    run = mlflow.start_run(run_name=name, tags={"sd_distill.pipeline": "1", "sd_distill.profile": profile})
+    os.environ[PARENT_ENV] = run.info.run_id
+    status = "FAILED"
+    try:
+        yield run.info.run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        os.environ.pop(PARENT_ENV, None)
+        mlflow.end_run(status)

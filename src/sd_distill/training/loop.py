@@ -1,0 +1,206 @@
+"""The one training loop every stage uses; stages supply a loss callable and a batch function.
+
+Randomness inside the loop never comes from global RNG state: the batch and the loss of step ``s``,
+micro-batch ``m`` draw from ``torch.Generator`` seeded by ``(seed, s, m)``. A run resumed from a checkpoint
+therefore sees exactly the batches and noise the uninterrupted run would have, and ends with the same
+weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from sd_distill.errors import UserError
+from sd_distill.params import TrainParams
+
+log = logging.getLogger(__name__)
+
+# batch_fn(step, micro, generator) -> batch ; loss_fn(model, batch, generator) -> (loss, extra scalars)
+BatchFn = Callable[[int, int, torch.Generator], Any]
+LossFn = Callable[[torch.nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
+MetricsFn = Callable[[dict[str, float], int], None]
+_COMPLETE = "COMPLETE"
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """A checkpoint exists but was made with other training params."""
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class LoopState:
+    """Checkpointed with the model: steps done and the loss history."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": torch.tensor(self.losses, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    losses: list[float]
+    resumed_from: int
+    seconds: float
+
+
+def checkpoints(workdir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    found = [p for p in workdir.glob("step-*") if (p / _COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(acc: Accelerator, workdir: Path, step: int, fingerprint: str, keep: int) -> Path:
+    final = workdir / f"step-{step:07d}"
+    tmp = workdir / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    acc.save_state(str(tmp))
+    (tmp / "train_params.json").write_text(fingerprint)
+    (tmp / _COMPLETE).write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoints(workdir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch_fn: BatchFn,
+    p: TrainParams,
+    workdir: Path,
+    *,
+    seed: int,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    cpu: bool = True,
+    name: str = "train",
+    on_metrics: MetricsFn | None = None,
+) -> TrainResult:
+    """Run ``p.steps`` optimizer steps of ``loss_fn`` on ``model``; returns it with EMA weights if EMA is on.
+
+    ``workdir`` holds the checkpoints (``step-NNNNNNN/``). With ``resume`` the loop continues from the
+    newest complete one and refuses one made with different ``TrainParams``; without it old checkpoints
+    are removed. A NaN/Inf loss raises ``TrainingDiverged`` before the optimizer step.
+    """
+    started = time.time()
+    workdir = Path(workdir)
+    fingerprint = json.dumps(p.model_dump(mode="json"), sort_keys=True)
+    if not resume and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=p.grad_accum, cpu=cpu)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    scheduler = get_scheduler(p.lr_schedule, optimizer, num_warmup_steps=p.warmup_steps,
+                              num_training_steps=p.steps)
+    ema = EMAModel(model.parameters(), decay=p.ema_decay) if p.ema_decay > 0 else None
+    state = LoopState()
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if ema is not None:
+        ema.to(acc.device)
+        acc.register_for_checkpointing(ema)
+    acc.register_for_checkpointing(state)
+
+    resumed_from = 0
+    if resume and (found := checkpoints(workdir)):
+        last = found[-1]
+        saved = (last / "train_params.json").read_text()
+        if saved != fingerprint:
+            raise CheckpointMismatch(f"{last}: made with other training params; rerun without --resume "
+                                     f"to start over.\n  checkpoint: {saved}\n  now:        {fingerprint}")
+        acc.load_state(str(last))
+        resumed_from = state.step
+        log.info("%s: resumed from %s (step %d of %d)", name, last, state.step, p.steps)
+
+    bar = tqdm(total=p.steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    window: list[float] = []
+    tick = time.time()
+    model.train()
+    while state.step < p.steps:
+        step = state.step
+        step_loss = 0.0
+        extras: dict[str, float] = {}
+        for micro in range(p.grad_accum):
+            gen = step_generator(seed, step, micro)
+            batch = batch_fn(step, micro, gen)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss, extra = loss_fn(model, batch, gen)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    done = checkpoints(workdir)
+                    raise TrainingDiverged(
+                        f"{name}: loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
+                        f"the optimizer step. Last good checkpoint: {done[-1] if done else 'none yet'}. "
+                        "Lower the learning rate or check the inputs.")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += value / p.grad_accum
+            for k, v in extra.items():
+                extras[k] = extras.get(k, 0.0) + v / p.grad_accum
+        if ema is not None:
+            ema.step(model.parameters())
+        state.step += 1
+        state.losses.append(step_loss)
+        window.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if state.step % p.log_every == 0 or state.step == p.steps:
+            mean = sum(window) / len(window)
+            rate = len(window) / max(time.time() - tick, 1e-9)
+            eta = (p.steps - state.step) / rate
+            if bar.disable:
+                log.info("%s: step %d/%d loss %.4f  %.2f step/s  eta %.0fs", name, state.step, p.steps, mean, rate, eta)
+            if on_metrics is not None:
+                on_metrics({f"{name}/loss": mean, f"{name}/lr": scheduler.get_last_lr()[0],
+                            **{f"{name}/{k}": v for k, v in extras.items()}}, state.step)
+            window, tick = [], time.time()
+        if state.step % p.checkpoint_every == 0 or state.step == p.steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                _save_checkpoint(acc, workdir, state.step, fingerprint, p.keep_checkpoints)
+    bar.close()
+
+    final = acc.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    final.eval()
+    return TrainResult(model=final, losses=state.losses, resumed_from=resumed_from, seconds=time.time() - started)

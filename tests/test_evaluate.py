@@ -1,0 +1,66 @@
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd_distill.data.shards import read_split
+from sd_distill.models.classifier import DigitClassifier, FeatureExtractor
+from sd_distill.params import resolve
+from sd_distill.runner import run_stage
+from sd_distill.stages.evaluate import fid, grid
+from tests.conftest import write_params
+
+
+@pytest.fixture(scope="module")
+def evaluated(smoke_project, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    shutil.copytree(smoke_project / "data", root / "data")
+    shutil.copytree(smoke_project / "models", root / "models")
+    run_stage("evaluate", resolve(write_params(root)), root)
+    return root
+
+
+def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
+    metrics = json.loads((evaluated / "reports" / "metrics.json").read_text())
+    teacher = metrics["teacher"]
+    assert teacher["samples"] == 20 and teacher["unet_calls_per_image"] == 8
+    assert 0 <= teacher["accuracy"] <= 1 and len(teacher["accuracy_per_digit"]) == 10
+    assert np.mean(list(teacher["accuracy_per_digit"].values())) == pytest.approx(teacher["accuracy"])
+    assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0
+    assert 0.5 < metrics["classifier"]["test_accuracy"] <= 1
+    picture = Image.open(evaluated / "reports" / "teacher_samples.png")
+    assert picture.size == (2 * 16 * 4, 10 * 16 * 4)
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(smoke_project):
+    data = smoke_project / "data" / "prepared"
+    extractor = FeatureExtractor(DigitClassifier.load(data / "classifier"))
+    test, val = read_split(data, "test").images, read_split(data, "val").images
+    same = fid(extractor, test, test)
+    real = fid(extractor, test, val)
+    noisy = fid(extractor, test, np.clip(val + np.random.default_rng(0).normal(0, 60, val.shape), 0, 255).astype(np.uint8))
+    assert abs(same) < 1e-3
+    assert real < noisy
+
+
+def test_grid_puts_rows_and_columns_in_order():
+    tiles = np.stack([np.full((2, 2, 3), i, np.uint8) for i in range(6)])
+    picture = np.asarray(grid(tiles, rows=2, cols=3, scale=1))
+    assert picture.shape == (4, 6, 3)
+    assert picture[0, 2, 0] == 1 and picture[2, 0, 0] == 3 and picture[3, 5, 0] == 5
+
+
+def test_a_crashing_stage_ends_failed_in_mlflow_and_publishes_nothing(evaluated, mlflow_store, tmp_path):
+    shutil.copytree(evaluated / "data", tmp_path / "data")
+    shutil.copytree(evaluated / "models", tmp_path / "models")
+    shutil.rmtree(tmp_path / "data" / "prepared" / "classifier")
+    with pytest.raises(FileNotFoundError, match="no classifier"):
+        run_stage("evaluate", resolve(write_params(tmp_path)), tmp_path)
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+    client = mlflow.MlflowClient(mlflow_store)
+    runs = client.search_runs(client.get_experiment_by_name("sd-distill").experiment_id,
+                              "tags.`sd_distill.stage` = 'evaluate'", order_by=["start_time DESC"], max_results=1)
+    assert runs[0].info.status == "FAILED"

@@ -1,0 +1,82 @@
+import pytest
+
+from sd_distill.params import PROFILES, ParamsError, parse_set, resolve
+from tests.conftest import write_params
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_resolves(tmp_path, profile):
+    params = resolve(write_params(tmp_path, profile))
+    assert params.profile == profile
+
+
+def test_profile_preset_sits_under_params_file_and_set(tmp_path):
+    path = write_params(tmp_path, "smoke", teacher={"unet_train": {"steps": 9}})
+    params = resolve(path)
+    assert params.teacher.unet_train.steps == 9  # params.yaml beats the smoke preset (6)
+    assert params.teacher.unet_train.batch_size == 16  # untouched preset value survives the merge
+    assert params.teacher.unet.block_out_channels == (8, 16, 16)
+    params = resolve(path, ["teacher.unet_train.steps=11"])
+    assert params.teacher.unet_train.steps == 11
+
+
+def test_tiny_teacher_is_shaped_like_sd(tmp_path):
+    unet = resolve(write_params(tmp_path, "tiny")).teacher.unet
+    assert len(unet.block_out_channels) >= 3 and unet.layers_per_block == 2
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    path = write_params(tmp_path, teacher={"unet_train": {"stepz": 3}})
+    with pytest.raises(ParamsError) as err:
+        resolve(path)
+    message = str(err.value)
+    assert "teacher.unet_train.stepz: unknown key" in message
+    assert "steps" in message and str(path) in message
+
+
+def test_wrong_type_and_out_of_range_are_reported_together(tmp_path):
+    path = write_params(tmp_path, base={"seed": "abc"}, evaluate={"guidance": 0.5})
+    with pytest.raises(ParamsError) as err:
+        resolve(path)
+    message = str(err.value)
+    assert "base.seed" in message and "'abc'" in message
+    assert "evaluate.guidance" in message and "greater than or equal to 1" in message
+
+
+def test_unknown_profile_lists_profiles(tmp_path):
+    with pytest.raises(ParamsError, match=r"profile: expected one of tiny, smoke, sd15, found 'huge'"):
+        resolve(write_params(tmp_path, "huge"))
+
+
+def test_unknown_top_level_section(tmp_path):
+    path = write_params(tmp_path)
+    path.write_text(path.read_text() + "halve: {}\n")
+    with pytest.raises(ParamsError, match="unknown top-level key.*halve"):
+        resolve(path)
+
+
+def test_non_digits_source_needs_a_path(tmp_path):
+    with pytest.raises(ParamsError, match="prepare.path"):
+        resolve(write_params(tmp_path, prepare={"source": "folder"}))
+
+
+def test_unet_channels_must_fit_group_norm(tmp_path):
+    with pytest.raises(ParamsError, match="divisible by norm_num_groups"):
+        resolve(write_params(tmp_path, teacher={"unet": {"block_out_channels": [12, 16, 16]}}))
+
+
+@pytest.mark.parametrize("bad", ["teacher", "teacher.steps", "nosuch.key=1", "=3"])
+def test_bad_set_syntax(bad):
+    with pytest.raises(ParamsError):
+        parse_set([bad])
+
+
+def test_set_parses_yaml_values():
+    assert parse_set(["prepare.templates=['{word}']", "base.seed=3"]) == {
+        "prepare": {"templates": ["{word}"]}, "base": {"seed": 3}}
+
+
+def test_params_are_frozen(tmp_path):
+    params = resolve(write_params(tmp_path))
+    with pytest.raises(Exception):
+        params.teacher.unet_train.steps = 3

@@ -1,0 +1,54 @@
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from sd_distill import dvcgen, registry
+from sd_distill.params import SECTIONS
+from tests.conftest import BIN, ROOT
+
+
+def test_committed_dvc_yaml_is_generated_from_registry():
+    assert (ROOT / "dvc.yaml").read_text() == dvcgen.render(), "dvc.yaml is stale: run `sd-distill dvc`"
+
+
+def test_registry_invariants_hold():
+    registry.check()
+    names = [s.name for s in registry.STAGES]
+    assert names[:2] == ["prepare", "teacher"]
+    for s in registry.STAGES:
+        assert s.params_section in SECTIONS
+
+
+def test_stages_json_and_dvc_yaml_list_same_stages_and_edges():
+    out = subprocess.run([str(BIN / "sd-distill"), "stages", "--json"], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    listed = json.loads(out.stdout)
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert [s["name"] for s in listed["stages"]] == list(dvc)
+    produced = {}
+    for name, st in dvc.items():
+        for item in st.get("outs", []) + st.get("metrics", []) + st.get("plots", []):
+            produced[item if isinstance(item, str) else next(iter(item))] = name
+    dvc_edges = sorted({(produced[d], name) for name, st in dvc.items() for d in st["deps"] if d in produced})
+    assert sorted(tuple(e) for e in listed["edges"]) == dvc_edges
+    assert ("prepare", "teacher") in dvc_edges and ("teacher", "evaluate") in dvc_edges
+
+
+def test_every_stage_entry_and_code_path_exist():
+    import importlib
+
+    for s in registry.STAGES:
+        module, fn = s.entry.split(":")
+        assert callable(getattr(importlib.import_module(module), fn))
+        for path in s.code:
+            assert (ROOT / path).exists(), f"{s.name}: code dep {path} missing"
+
+
+def test_dvc_check_flags_a_stale_file(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(dvcgen.render().replace("prepare", "prep", 1))
+    rc = subprocess.run([str(BIN / "sd-distill"), "dvc", "--check"], cwd=tmp_path, capture_output=True, text=True)
+    assert rc.returncode == 1 and "out of date" in rc.stderr
+    subprocess.run([str(BIN / "sd-distill"), "dvc"], cwd=tmp_path, check=True, capture_output=True)
+    assert Path(tmp_path / "dvc.yaml").read_text() == dvcgen.render()
