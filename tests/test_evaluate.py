@@ -32,7 +32,7 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0
     assert 0.5 < metrics["classifier"]["test_accuracy"] <= 1
     picture = Image.open(evaluated / "reports" / "teacher_samples.png")
-    assert picture.size == (2 * 16 * 4, 10 * 16 * 4)
+    assert picture.size == ((2 * 17 - 1) * 4, (10 * 17 - 1) * 4)
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(smoke_project):
@@ -48,9 +48,10 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(smoke_project)
 
 def test_grid_puts_rows_and_columns_in_order():
     tiles = np.stack([np.full((2, 2, 3), i, np.uint8) for i in range(6)])
-    picture = np.asarray(grid(tiles, rows=2, cols=3, scale=1))
-    assert picture.shape == (4, 6, 3)
-    assert picture[0, 2, 0] == 1 and picture[2, 0, 0] == 3 and picture[3, 5, 0] == 5
+    picture = np.asarray(grid(tiles, rows=2, cols=3, scale=1, gap=1))
+    assert picture.shape == (5, 8, 3)  # 2x2 tiles, 1-pixel lines between them
+    assert picture[0, 3, 0] == 1 and picture[3, 0, 0] == 3 and picture[4, 7, 0] == 5
+    assert picture[2, 0, 0] == 160 and picture[0, 2, 0] == 160
 
 
 def test_a_crashing_stage_ends_failed_in_mlflow_and_publishes_nothing(evaluated, mlflow_store, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -82,6 +83,16 @@ def assemble(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPi
                                    requires_safety_checker=False)
 
 
+def quiet_loading_bars() -> None:
+    """diffusers' and transformers' "Loading ..." bars only on a terminal, never in logs."""
+    if not sys.stderr.isatty():
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a diffusers folder offline with an error that says what is missing."""
     path = Path(path)
@@ -89,6 +100,7 @@ def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = to
     if not index.is_file():
         raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json); "
                                 "run the stage that writes it first, e.g. `sd-distill run teacher`")
+    quiet_loading_bars()
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -48,11 +48,15 @@ def fid(extractor: FeatureExtractor, real: np.ndarray, fake: np.ndarray) -> floa
     return float(metric.compute())
 
 
-def grid(images: np.ndarray, rows: int, cols: int, scale: int = 4) -> Image.Image:
-    """(rows * cols, H, W, 3) uint8, row-major -> one picture, upscaled ``scale``x (nearest)."""
+def grid(images: np.ndarray, rows: int, cols: int, scale: int = 4, gap: int = 1) -> Image.Image:
+    """(rows * cols, H, W, 3) uint8, row-major -> one picture, upscaled ``scale``x (nearest), with ``gap``-pixel
+    grey lines between tiles (before scaling) so that tiles whose ink touches the border stay apart."""
     h, w = images.shape[1:3]
-    canvas = images[: rows * cols].reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    return Image.fromarray(canvas).resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+    tiles = np.pad(images[: rows * cols], ((0, 0), (0, gap), (0, gap), (0, 0)), constant_values=160)
+    hh, ww = h + gap, w + gap
+    canvas = tiles.reshape(rows, cols, hh, ww, 3).transpose(0, 2, 1, 3, 4).reshape(rows * hh, cols * ww, 3)
+    canvas = canvas[: rows * hh - gap, : cols * ww - gap]
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
 def evaluate_teacher(pipe, classifier: DigitClassifier, real_test: np.ndarray, p: EvaluateParams, seed: int) -> tuple[dict, np.ndarray]:

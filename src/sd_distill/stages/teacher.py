@@ -127,6 +127,7 @@ def fetch_teacher(source: str):
     """sd15: a hub id or a local diffusers folder, loaded as a ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
 
+    parts.quiet_loading_bars()
     local = Path(source).exists()
     if local and not (Path(source) / "model_index.json").is_file():
         raise FileNotFoundError(f"teacher.source: {source} is a path but holds no model_index.json")
