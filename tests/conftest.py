@@ -25,7 +25,9 @@ def mlflow_store(tmp_path_factory):
 
 def write_params(folder: Path, profile: str = "smoke", **sections) -> Path:
     path = folder / "params.yaml"
-    body = {"profile": profile, "base": {}, "prepare": {}, "teacher": {}, "evaluate": {}}
+    from sd_distill.params import SECTIONS
+
+    body = {"profile": profile, **{name: {} for name in SECTIONS}}
     body.update(sections)
     path.write_text(yaml.safe_dump(body))
     return path
@@ -33,12 +35,14 @@ def write_params(folder: Path, profile: str = "smoke", **sections) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_project(tmp_path_factory):
-    """A project folder where prepare and teacher ran once on the smoke profile (shared, read-only)."""
+    """A project folder where every stage but evaluate ran once on the smoke profile (shared, read-only)."""
+    from sd_distill import registry
     from sd_distill.params import resolve
     from sd_distill.runner import run_stage
 
     root = tmp_path_factory.mktemp("smoke")
     params = resolve(write_params(root))
-    run_stage("prepare", params, root)
-    run_stage("teacher", params, root)
+    for stage in registry.STAGES:
+        if stage.name != "evaluate":
+            run_stage(stage.name, params, root)
     return root

@@ -27,6 +27,14 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     metrics = json.loads((evaluated / "reports" / "metrics.json").read_text())
     teacher = metrics["teacher"]
     assert teacher["samples"] == 20 and teacher["unet_calls_per_image"] == 8
+    models = metrics["models"]
+    assert set(models) == {"teacher@4", "teacher-dpmpp@2", "teacher-dpmpp@1", "teacher-ddim@2", "teacher-ddim@1",
+                           "guided@4", *[f"steps-{n}@{n}" for n in (32, 16, 8, 4, 2, 1)]}
+    assert models["steps-2@2"]["unet_calls_per_image"] == 2 and models["teacher-dpmpp@2"]["unet_calls_per_image"] == 4
+    assert models["teacher@4"]["fid_ratio"] == pytest.approx(1.0)
+    rows = (evaluated / "reports" / "quality_vs_steps.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["steps", "student_fid", "student_accuracy", "dpmpp_fid"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert 0 <= teacher["accuracy"] <= 1 and len(teacher["accuracy_per_digit"]) == 10
     assert np.mean(list(teacher["accuracy_per_digit"].values())) == pytest.approx(teacher["accuracy"])
     assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0

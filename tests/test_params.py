@@ -50,8 +50,8 @@ def test_unknown_profile_lists_profiles(tmp_path):
 
 def test_unknown_top_level_section(tmp_path):
     path = write_params(tmp_path)
-    path.write_text(path.read_text() + "halve: {}\n")
-    with pytest.raises(ParamsError, match="unknown top-level key.*halve"):
+    path.write_text(path.read_text() + "halving: {}\n")
+    with pytest.raises(ParamsError, match="unknown top-level key.*halving"):
         resolve(path)
 
 
@@ -80,3 +80,14 @@ def test_params_are_frozen(tmp_path):
     params = resolve(write_params(tmp_path))
     with pytest.raises(Exception):
         params.teacher.unet_train.steps = 3
+
+
+def test_one_nested_key_keeps_the_sections_other_defaults(tmp_path):
+    params = resolve(write_params(tmp_path, "tiny"), ["guidance.train.learning_rate=5e-4"])
+    assert params.guidance.train.learning_rate == 5e-4
+    assert params.guidance.train.steps == 400 and params.guidance.train.batch_size == 64  # section defaults kept
+
+
+def test_teacher_targets_cannot_be_combined_with_a_rescaled_schedule(tmp_path):
+    with pytest.raises(ParamsError, match="set targets=data"):
+        resolve(write_params(tmp_path, vpred={"zero_terminal_snr": True}))

@@ -2,8 +2,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import yaml
-
 from sd_distill import dvcgen, registry
 from sd_distill.params import SECTIONS
 from tests.conftest import BIN, ROOT
@@ -16,24 +14,29 @@ def test_committed_dvc_yaml_is_generated_from_registry():
 def test_registry_invariants_hold():
     registry.check()
     names = [s.name for s in registry.STAGES]
-    assert names[:2] == ["prepare", "teacher"]
+    assert names == ["prepare", "teacher", "vpred", "guidance", "halve@32", "halve@16", "halve@8", "halve@4",
+                     "halve@2", "halve@1", "evaluate"]
     for s in registry.STAGES:
         assert s.params_section in SECTIONS
 
 
 def test_stages_json_and_dvc_yaml_list_same_stages_and_edges():
+    """DVC's own reading of dvc.yaml (foreach expanded) against `sd-distill stages --json`."""
+    from dvc.repo import Repo
+
     out = subprocess.run([str(BIN / "sd-distill"), "stages", "--json"], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     listed = json.loads(out.stdout)
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert [s["name"] for s in listed["stages"]] == list(dvc)
-    produced = {}
-    for name, st in dvc.items():
-        for item in st.get("outs", []) + st.get("metrics", []) + st.get("plots", []):
-            produced[item if isinstance(item, str) else next(iter(item))] = name
-    dvc_edges = sorted({(produced[d], name) for name, st in dvc.items() for d in st["deps"] if d in produced})
+    with Repo(str(ROOT)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+        produced = {str(o.def_path): name for name, s in stages.items() for o in s.outs}
+        dvc_edges = sorted({(produced[str(d.def_path)], name) for name, s in stages.items() for d in s.deps
+                            if str(d.def_path) in produced})
+    assert sorted(s["name"] for s in listed["stages"]) == sorted(stages)
     assert sorted(tuple(e) for e in listed["edges"]) == dvc_edges
-    assert ("prepare", "teacher") in dvc_edges and ("teacher", "evaluate") in dvc_edges
+    for edge in [("prepare", "teacher"), ("teacher", "vpred"), ("vpred", "guidance"), ("guidance", "halve@32"),
+                 ("halve@2", "halve@1"), ("halve@1", "evaluate")]:
+        assert edge in dvc_edges
 
 
 def test_every_stage_entry_and_code_path_exist():

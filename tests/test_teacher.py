@@ -10,7 +10,7 @@ from sd_distill.models.parts import build_unet
 from sd_distill.models.tokenizer import build_tokenizer
 from sd_distill.params import resolve
 from sd_distill.runner import run_stage
-from sd_distill.stages.teacher import min_snr_weight
+from sd_distill.diffusion import min_snr_weight
 from tests.conftest import write_params
 
 

@@ -17,6 +17,7 @@ EPILOG = """examples:
   sd-distill run teacher --resume           continue from the stage's last checkpoint
   sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
   sd-distill sample models/teacher --prompt "a handwritten digit seven" --steps 64 --guidance 7.5 --out seven.png
+  sd-distill sample models/steps-1 --prompt "a handwritten digit seven" --out seven-1step.png --scale 8
 """
 
 
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample one image from a diffusers model folder")
     p.add_argument("model_dir", type=Path, help="a StableDiffusionPipeline folder, e.g. models/teacher")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=64, help="sampling steps (default 64)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the student's own count from distill.json, else 64)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale, 1 disables (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("sample.png"), help="PNG to write (default sample.png)")
@@ -135,13 +137,15 @@ def cmd_sample(args) -> int:
     from sd_distill.models.parts import load_pipeline
 
     pipe = load_pipeline(args.model_dir)
-    image = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+    card = args.model_dir / "distill.json"
+    steps = args.steps or (json.loads(card.read_text())["num_inference_steps"] if card.is_file() else 64)
+    image = pipe(args.prompt, num_inference_steps=steps, guidance_scale=args.guidance,
                  generator=torch.Generator().manual_seed(args.seed)).images[0]
     if args.scale > 1:
         image = image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
-    print(f"wrote {args.out} ({image.width}x{image.height})")
+    print(f"wrote {args.out} ({image.width}x{image.height}, {steps} steps, guidance {args.guidance})")
     return 0
 
 

@@ -1,7 +1,12 @@
-"""``dvc.yaml`` generated from the stage registry (``sd-distill dvc``); a test fails when the file drifts."""
+"""``dvc.yaml`` generated from the stage registry (``sd-distill dvc``); a test fails when the file drifts.
+
+Rounds of one stage (``halve@32``, ``halve@16``...) become one DVC ``foreach`` stage, so DVC names them
+``halve@32``... exactly as the registry does.
+"""
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 import yaml
@@ -11,21 +16,34 @@ from sd_distill import registry
 HEADER = "# Generated from src/sd_distill/registry.py by `sd-distill dvc`. Do not edit by hand.\n"
 
 
+def _entry(s: registry.Stage, name: str, inputs: list[str], outputs: list[str]) -> dict:
+    entry: dict = {"cmd": f"sd-distill run {name}"}
+    entry["deps"] = list(dict.fromkeys([*inputs, *registry.CODE_COMMON, *s.code]))
+    entry["params"] = ["profile", "base", s.params_section]
+    if outputs:
+        entry["outs"] = outputs
+    if s.metrics:
+        entry["metrics"] = [{path: {"cache": False}} for path in s.metrics.values()]
+    if s.plots:
+        entry["plots"] = [{path: {"cache": False}} for path in s.plots.values()]
+    return entry
+
+
 def render() -> str:
-    stages = {}
-    for s in registry.STAGES:
-        entry: dict = {"cmd": f"sd-distill run {s.name}"}
-        deps = list(dict.fromkeys([*s.inputs.values(), *registry.CODE_COMMON, *s.code]))
-        entry["deps"] = deps
-        entry["params"] = ["profile", "base", s.params_section]
-        if s.outputs:
-            entry["outs"] = list(s.outputs.values())
-        if s.metrics:
-            entry["metrics"] = [{path: {"cache": False}} for path in s.metrics.values()]
-        if s.plots:
-            entry["plots"] = [{path: {"cache": False}} for path in s.plots.values()]
-        stages[s.name] = entry
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    stages: dict = {}
+    for group, members in groupby(registry.STAGES, key=lambda s: s.group):
+        members = list(members)
+        first = members[0]
+        if len(members) == 1 and "@" not in first.name:
+            stages[group] = _entry(first, first.name, list(first.inputs.values()), list(first.outputs.values()))
+            continue
+        items = {s.name.split("@")[1]: {**s.inputs, **s.outputs} for s in members}
+        do = _entry(first, f"{group}@${{key}}", [f"${{item.{r}}}" for r in first.inputs],
+                    [f"${{item.{r}}}" for r in first.outputs])
+        stages[group] = {"foreach": items, "do": do}
+    plots = [{path: spec} for s in registry.STAGES for path, spec in s.plot_specs.items()]
+    body = {"stages": stages, **({"plots": plots} if plots else {})}
+    return HEADER + yaml.safe_dump(body, sort_keys=False, width=120)
 
 
 def write(path: Path = Path("dvc.yaml")) -> bool:

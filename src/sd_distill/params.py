@@ -141,13 +141,78 @@ class TeacherParams(Section):
     text_encoder: TextArch = TextArch()
     unet: UnetArch = UnetArch()
     vae_train: TrainParams = TrainParams(steps=400, learning_rate=1e-3, ema_decay=0.0, warmup_steps=20)
-    unet_train: TrainParams = TrainParams()
+    unet_train: TrainParams = TrainParams(steps=1000)
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
+        "epsilon", description="what the UNet predicts; SD v1 predicts epsilon")
     kl_weight: float = Field(1e-6, ge=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of captions replaced by '' (for CFG)")
     snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting (Hang et al. 2023); null: plain MSE")
     num_train_timesteps: int = Field(1000, ge=2)
     beta_start: float = Field(0.00085, gt=0, lt=1)
     beta_end: float = Field(0.012, gt=0, lt=1)
+
+
+class VpredParams(Section):
+    targets: Literal["teacher", "data"] = Field(
+        "teacher", description="teacher: the teacher's own predictions converted to v (keeps its behaviour, "
+                               "needs its schedule); data: v of the training data (needed after rescaling betas)")
+    zero_terminal_snr: bool = Field(False, description="rescale betas to zero terminal SNR (Lin et al. 2024, alg. 1)")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR weighting; null: plain MSE on v")
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    train: TrainParams = TrainParams(steps=300, batch_size=64, learning_rate=3e-4, warmup_steps=20,
+                                     ema_decay=0.99, checkpoint_every=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VpredParams":
+        if self.targets == "teacher" and self.zero_terminal_snr:
+            raise ValueError("targets=teacher needs the teacher's own schedule; with zero_terminal_snr=true "
+                             "set targets=data")
+        return self
+
+
+class GuidanceParams(Section):
+    w_min: float = Field(0.0, ge=0, description="smallest guidance weight w = guidance_scale - 1")
+    w_max: float = Field(8.0, ge=0, description="largest w; the default range holds w = 6.5 (scale 7.5)")
+    embedding_dim: int = Field(64, ge=2, description="time_cond_proj_dim: Fourier features of w")
+    train: TrainParams = TrainParams(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20,
+                                     ema_decay=0.99, checkpoint_every=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GuidanceParams":
+        if self.w_max < self.w_min:
+            raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
+        return self
+
+
+HALVING_STEPS = (32, 16, 8, 4, 2, 1)
+
+
+class HalveParams(Section):
+    steps_from: int = Field(64, description="sampling steps of the first teacher (the guided model)")
+    mode: Literal["progressive", "direct"] = Field(
+        "progressive", description="progressive: N -> N/2 each round; direct: steps_from -> each N in one stage")
+    w_min: float = Field(0.0, ge=0)
+    w_max: float = Field(8.0, ge=0)
+    train: TrainParams = TrainParams(steps=200, batch_size=64, learning_rate=1e-4, warmup_steps=10,
+                                     ema_decay=0.99, checkpoint_every=100)
+    round_steps: dict[int, int] = Field(
+        default_factory=lambda: {32: 40, 16: 50, 8: 100, 4: 200, 2: 250, 1: 300},
+        description="optimizer steps per round, by the student's step count (overrides train.steps)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "HalveParams":
+        if self.steps_from != 2 * HALVING_STEPS[0]:
+            raise ValueError(f"steps_from must be {2 * HALVING_STEPS[0]}: the rounds in dvc.yaml are "
+                             f"{', '.join(map(str, HALVING_STEPS))}")
+        unknown = sorted(set(self.round_steps) - set(HALVING_STEPS))
+        if unknown:
+            raise ValueError(f"round_steps has keys {unknown}; allowed: {list(HALVING_STEPS)}")
+        if self.w_max < self.w_min:
+            raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
+        return self
+
+    def train_for(self, steps: int) -> TrainParams:
+        return self.train.model_copy(update={"steps": self.round_steps.get(steps, self.train.steps)})
 
 
 class EvaluateParams(Section):
@@ -157,12 +222,17 @@ class EvaluateParams(Section):
     batch_size: int = Field(125, ge=1)
     prompt_template: str = "a handwritten digit {word}"
     grid_columns: int = Field(10, ge=1)
+    baseline_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="teacher with each solver at these step counts")
+    baseline_solvers: tuple[Literal["dpmpp", "ddim"], ...] = ("dpmpp", "ddim")
 
 
 SECTIONS: dict[str, type[Section]] = {
     "base": BaseParams,
     "prepare": PrepareParams,
     "teacher": TeacherParams,
+    "vpred": VpredParams,
+    "guidance": GuidanceParams,
+    "halve": HalveParams,
     "evaluate": EvaluateParams,
 }
 
@@ -178,7 +248,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             "vae_train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
             "unet_train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 0},
         },
-        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20},
+        "vpred": {"train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
+        "guidance": {"embedding_dim": 16,
+                     "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
+        "halve": {"train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
+                  "round_steps": {n: 2 for n in HALVING_STEPS}},
+        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1]},
     },
     "sd15": {
         "base": {"device": "cuda", "mixed_precision": "bf16", "log_model_artifacts": False},
@@ -265,7 +340,9 @@ def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, 
     patch = parse_set(overrides)
     sections, errors = {}, []
     for name, model in SECTIONS.items():
-        data = _merge(PROFILES[profile].get(name, {}), raw.get(name) or {})
+        # start from the full defaults so that setting one nested key keeps its siblings' defaults
+        data = _merge(model().model_dump(), PROFILES[profile].get(name, {}))
+        data = _merge(data, raw.get(name) or {})
         data = _merge(data, patch.get(name, {}))
         try:
             sections[name] = model.model_validate(data)
@@ -282,6 +359,9 @@ class Params(BaseModel):
     base: BaseParams
     prepare: PrepareParams
     teacher: TeacherParams
+    vpred: VpredParams
+    guidance: GuidanceParams
+    halve: HalveParams
     evaluate: EvaluateParams
 
     def for_stage(self, section: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sd_distill.errors import UserError
-from sd_distill.params import SECTIONS
+from sd_distill.params import HALVING_STEPS, SECTIONS
 
 CODE_COMMON = ("src/sd_distill/params.py",)
 
@@ -30,23 +30,51 @@ class Resources:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # = params section = DVC stage = Airflow task_id = KFP component = MLflow run name
+    name: str  # = DVC stage = Airflow task_id = KFP component = MLflow run name; "group@item" for rounds
     entry: str  # "module:function", imported only when the stage runs
     doc: str
     inputs: dict[str, str] = field(default_factory=dict)  # role -> path (DVC deps)
     outputs: dict[str, str] = field(default_factory=dict)  # role -> path (DVC outs, cached)
     metrics: dict[str, str] = field(default_factory=dict)  # role -> path (DVC metrics, cache: false)
     plots: dict[str, str] = field(default_factory=dict)  # role -> path (DVC plots, cache: false)
+    plot_specs: dict[str, dict] = field(default_factory=dict)  # path -> DVC top-level plot definition
     code: tuple[str, ...] = ()  # source files whose change reruns the stage
     resources: Resources = Resources()
 
     @property
     def params_section(self) -> str:
-        return self.name
+        """Rounds of one stage (``halve@32``, ``halve@16``...) share their section (``halve``)."""
+        return self.name.split("@")[0]
+
+    @property
+    def group(self) -> str:
+        return self.name.split("@")[0]
 
     @property
     def produced(self) -> dict[str, str]:
         return {**self.outputs, **self.metrics, **self.plots}
+
+
+CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/models/parts.py",
+                "src/sd_distill/training")
+
+
+def halving_rounds() -> tuple[Stage, ...]:
+    """One stage per round, ``halve@N`` for N in 32, 16, ..., 1; round N's teacher is round 2N's student."""
+    rounds = []
+    teacher = "models/guided"
+    for n in HALVING_STEPS:
+        rounds.append(Stage(
+            name=f"halve@{n}",
+            entry="sd_distill.stages.halve:main",
+            doc=f"progressive distillation round: {2 * n}-step teacher -> {n}-step student",
+            inputs={"data": "data/prepared", "teacher": teacher},
+            outputs={"model": f"models/steps-{n}"},
+            code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
+            resources=Resources(cpu="4", memory="16Gi"),
+        ))
+        teacher = f"models/steps-{n}"
+    return tuple(rounds)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -55,7 +83,8 @@ STAGES: tuple[Stage, ...] = (
         entry="sd_distill.stages.prepare:main",
         doc="image-caption pairs -> checked, split tar shards + manifest; tiny: digits and their classifier",
         outputs={"data": "data/prepared"},
-        code=("src/sd_distill/stages/prepare.py", "src/sd_distill/data", "src/sd_distill/models/classifier.py"),
+        code=("src/sd_distill/stages/prepare.py", "src/sd_distill/data/sources.py", "src/sd_distill/data/checks.py",
+              "src/sd_distill/data/shards.py", "src/sd_distill/models/classifier.py"),
         resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
     ),
     Stage(
@@ -64,17 +93,40 @@ STAGES: tuple[Stage, ...] = (
         doc="tiny/smoke: train an SD-shaped epsilon teacher from scratch; sd15: fetch the public checkpoint",
         inputs={"data": "data/prepared"},
         outputs={"model": "models/teacher"},
-        code=("src/sd_distill/stages/teacher.py", "src/sd_distill/models/parts.py",
-              "src/sd_distill/models/tokenizer.py", "src/sd_distill/training"),
+        code=("src/sd_distill/stages/teacher.py", "src/sd_distill/models/tokenizer.py", *CODE_DISTILL),
         resources=Resources(cpu="4", memory="16Gi"),
     ),
+    Stage(
+        name="vpred",
+        entry="sd_distill.stages.vpred:main",
+        doc="fine-tune the teacher to v-prediction (optionally on a zero-terminal-SNR schedule)",
+        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        outputs={"model": "models/vpred"},
+        code=("src/sd_distill/stages/vpred.py", *CODE_DISTILL),
+        resources=Resources(cpu="4", memory="16Gi"),
+    ),
+    Stage(
+        name="guidance",
+        entry="sd_distill.stages.guidance:main",
+        doc="distill classifier-free guidance into a w-conditioned UNet (one call per step)",
+        inputs={"data": "data/prepared", "vpred": "models/vpred"},
+        outputs={"model": "models/guided"},
+        code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
+        resources=Resources(cpu="4", memory="16Gi"),
+    ),
+    *halving_rounds(),
     Stage(
         name="evaluate",
         entry="sd_distill.stages.evaluate:main",
         doc="sample the models, score prompt adherence and FID, write reports/metrics.json",
-        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        inputs={"data": "data/prepared", "teacher": "models/teacher", "guided": "models/guided",
+                **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
         metrics={"metrics": "reports/metrics.json"},
-        plots={"samples": "reports/teacher_samples.png"},
+        plots={"quality": "reports/quality_vs_steps.csv", "samples": "reports/teacher_samples.png"},
+        plot_specs={"reports/quality_vs_steps.csv": {
+            "x": "steps", "y": ["student_fid", "dpmpp_fid", "ddim_fid"],
+            "title": "FID (classifier features) against sampling steps: students vs the teacher's solvers",
+            "x_label": "sampling steps", "y_label": "FID"}},
         code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/models/classifier.py"),
         resources=Resources(cpu="4", memory="16Gi"),
     ),

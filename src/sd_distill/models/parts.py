@@ -9,7 +9,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sd_distill.params import TeacherParams, TextArch, UnetArch, VaeArch
+from sd_distill.params import BaseParams, TeacherParams, TextArch, UnetArch, VaeArch
+
+
+def pick_device(base: BaseParams) -> str:
+    if base.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("base.device=cuda but no CUDA device is visible; set base.device=cpu or auto")
+    return base.device
 
 
 def build_vae(arch: VaeArch) -> AutoencoderKL:
@@ -63,9 +71,9 @@ def build_unet(arch: UnetArch, sample_size: int, in_channels: int, cross_attenti
 
 
 def noise_schedule_kwargs(p: TeacherParams) -> dict:
-    """SD v1's training schedule: scaled-linear betas, epsilon prediction."""
+    """SD v1's training schedule: scaled-linear betas; the prediction type is a param (SD v1: epsilon)."""
     return dict(num_train_timesteps=p.num_train_timesteps, beta_start=p.beta_start, beta_end=p.beta_end,
-                beta_schedule="scaled_linear", prediction_type="epsilon")
+                beta_schedule="scaled_linear", prediction_type=p.prediction_type)
 
 
 def build_noise_scheduler(p: TeacherParams) -> DDPMScheduler:

@@ -1,19 +1,24 @@
-"""Stage ``evaluate`` (first version): is the teacher good enough to distill from?
+"""Stage ``evaluate``: every model the pipeline made, and what a user would run instead, on the same prompts.
 
-tiny/smoke: samples ``samples_per_prompt`` images for each digit prompt with the stock pipeline (DDIM,
-``steps``, guidance ``guidance``), then scores prompt adherence as the digit classifier's accuracy and FID in
-the classifier's feature space against the real test split (torchmetrics FID with a custom feature
-extractor). Writes ``reports/metrics.json`` and ``reports/teacher_samples.png`` (rows: digits 0-9).
+tiny/smoke: ``samples_per_prompt`` images for each digit prompt, the same seeds for every model, through the
+stock pipeline: the teacher at ``steps`` (CFG, DDIM), the teacher with DPM-Solver++ and DDIM at each of
+``baseline_steps``, the guided model at ``steps``, and every ``steps-N`` student at N steps. Each gets the digit
+classifier's accuracy (prompt adherence), FID in the classifier's feature space against the real test split
+(torchmetrics FID with a custom feature extractor) and UNet calls per image. Writes ``reports/metrics.json``,
+``reports/quality_vs_steps.csv`` (a DVC plot) and ``reports/teacher_samples.png`` (rows: digits 0-9).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
@@ -59,13 +64,50 @@ def grid(images: np.ndarray, rows: int, cols: int, scale: int = 4, gap: int = 1)
     return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
-def evaluate_teacher(pipe, classifier: DigitClassifier, real_test: np.ndarray, p: EvaluateParams, seed: int) -> tuple[dict, np.ndarray]:
-    """Accuracy (overall and per digit) and FID of the teacher's samples; returns metrics and the samples."""
+@dataclass(frozen=True)
+class Candidate:
+    """One way to make images: a model folder (input role), a solver, a step count."""
+
+    name: str
+    model: str  # input role in the registry record
+    solver: str  # "own" (the folder's scheduler), "dpmpp" or "ddim"
+    steps: int
+
+    def unet_calls(self, guided_input: bool, guidance: float) -> int:
+        return self.steps * (1 if guided_input or guidance <= 1 else 2)
+
+
+def candidates(p: EvaluateParams, roles: list[str]) -> list[Candidate]:
+    """The teacher at ``p.steps``, the teacher with each baseline solver, the guided model, every student."""
+    out = [Candidate(f"teacher@{p.steps}", "teacher", "own", p.steps)]
+    out += [Candidate(f"teacher-{solver}@{n}", "teacher", solver, n)
+            for solver in p.baseline_solvers for n in p.baseline_steps]
+    if "guided" in roles:
+        out.append(Candidate(f"guided@{p.steps}", "guided", "own", p.steps))
+    for role in sorted((r for r in roles if r.startswith("steps-")), key=lambda r: -int(r.split("-")[1])):
+        n = int(role.split("-")[1])
+        out.append(Candidate(f"{role}@{n}", role, "own", n))
+    return out
+
+
+def with_solver(pipe, solver: str):
+    """Swap in a baseline solver with trailing spacing, the best-known choice at few steps (Lin et al. 2024)."""
+    if solver == "dpmpp":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                                 solver_order=2, timestep_spacing="trailing")
+    elif solver == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return pipe
+
+
+def score(pipe, classifier: DigitClassifier, real_test: np.ndarray, p: EvaluateParams, seed: int, steps: int,
+          calls: int) -> tuple[dict, np.ndarray]:
+    """Accuracy (overall and per digit) and FID of ``pipe``'s samples; the same prompts and seeds for every model."""
     labels = np.repeat(np.arange(10), p.samples_per_prompt)
     prompts = [p.prompt_template.format(word=DIGIT_WORDS[d]) for d in labels]
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
     start = time.perf_counter()
-    images = sample(pipe, prompts, seeds, p.steps, p.guidance, p.batch_size)
+    images = sample(pipe, prompts, seeds, steps, p.guidance, p.batch_size)
     seconds = time.perf_counter() - start
     predicted = predict(classifier, to_tensor(images)).numpy()
     correct = predicted == labels
@@ -74,12 +116,27 @@ def evaluate_teacher(pipe, classifier: DigitClassifier, real_test: np.ndarray, p
         "accuracy_per_digit": {DIGIT_WORDS[d]: float(correct[labels == d].mean()) for d in range(10)},
         "fid": fid(FeatureExtractor(classifier), real_test, images),
         "samples": len(images),
-        "steps": p.steps,
+        "steps": steps,
         "guidance": p.guidance,
-        "unet_calls_per_image": p.steps * (2 if p.guidance > 1 else 1),
+        "unet_calls_per_image": calls,
         "seconds_per_image": seconds / len(images),
     }
     return metrics, images
+
+
+def quality_table(models: dict[str, dict], p: EvaluateParams) -> list[dict]:
+    """Rows for ``quality_vs_steps.csv``: per step count, the students' and each solver's FID and accuracy."""
+    rows = []
+    for n in sorted(p.baseline_steps):
+        row = {"steps": n}
+        student = models.get(f"steps-{n}@{n}")
+        row["student_fid"] = student["fid"] if student else ""
+        row["student_accuracy"] = student["accuracy"] if student else ""
+        for solver in p.baseline_solvers:
+            m = models[f"teacher-{solver}@{n}"]
+            row[f"{solver}_fid"], row[f"{solver}_accuracy"] = m["fid"], m["accuracy"]
+        rows.append(row)
+    return rows
 
 
 def main(ctx) -> None:
@@ -88,23 +145,41 @@ def main(ctx) -> None:
         raise NotImplementedError("evaluate: the sd15 evaluation (FID/IS/CLIP on MS-COCO, PartiPrompts, HPSv2) "
                                   "is not built yet (issue #5); the tiny and smoke profiles are supported")
     data = ctx.inputs["data"]
+    seed = ctx.params.base.seed
     classifier = DigitClassifier.load(data / "classifier")
     test, val = read_split(data, "test"), read_split(data, "val")
-    pipe = load_pipeline(ctx.inputs["teacher"])
-    teacher, images = evaluate_teacher(pipe, classifier, test.images, p, ctx.params.base.seed)
-    extractor = FeatureExtractor(classifier)
+    models: dict[str, dict] = {}
+    teacher_images = None
+    for cand in tqdm(candidates(p, list(ctx.inputs)), desc="evaluate", unit="model", disable=None):
+        pipe = with_solver(load_pipeline(ctx.inputs[cand.model]), cand.solver)
+        calls = cand.unet_calls(pipe.unet.config.time_cond_proj_dim is not None, p.guidance)
+        models[cand.name], images = score(pipe, classifier, test.images, p, seed, cand.steps, calls)
+        models[cand.name].update({"model": cand.model, "solver": cand.solver})
+        if teacher_images is None:
+            teacher_images = images
+        log.info("evaluate: %-18s accuracy %.3f  FID %.3f  (%d UNet calls per image)", cand.name,
+                 models[cand.name]["accuracy"], models[cand.name]["fid"], calls)
+    reference = models[f"teacher@{p.steps}"]
+    for m in models.values():
+        m["fid_ratio"] = m["fid"] / reference["fid"] if reference["fid"] > 0 else float("nan")
+        m["accuracy_ratio"] = m["accuracy"] / reference["accuracy"] if reference["accuracy"] > 0 else float("nan")
     report = {
         "profile": ctx.params.profile,
-        "teacher": teacher,
+        "teacher": reference,
+        "models": models,
         "classifier": {"test_accuracy": json.loads((data / "classifier" / "config.json").read_text())["test_accuracy"]},
-        "reference": {"fid_val_vs_test": fid(extractor, test.images, val.images), "val_images": len(val),
-                      "test_images": len(test)},
+        "reference": {"fid_val_vs_test": fid(FeatureExtractor(classifier), test.images, val.images),
+                      "val_images": len(val), "test_images": len(test)},
     }
     ctx.outputs["metrics"].write_text(json.dumps(report, indent=2) + "\n")
+    rows = quality_table(models, p)
+    with open(ctx.outputs["quality"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     cols = min(p.grid_columns, p.samples_per_prompt)
-    picks = np.concatenate([images[d * p.samples_per_prompt:][:cols] for d in range(10)])
+    picks = np.concatenate([teacher_images[d * p.samples_per_prompt:][:cols] for d in range(10)])
     grid(picks, rows=10, cols=cols).save(ctx.outputs["samples"])
-    ctx.summary.update({"teacher_accuracy": teacher["accuracy"], "teacher_fid": teacher["fid"],
+    ctx.summary.update({"teacher_accuracy": reference["accuracy"], "teacher_fid": reference["fid"],
                         "reference_fid_val_vs_test": report["reference"]["fid_val_vs_test"]})
-    log.info("evaluate: teacher accuracy %.4f, FID %.3f (real val vs test: %.3f)", teacher["accuracy"],
-             teacher["fid"], report["reference"]["fid_val_vs_test"])
+    ctx.summary.update({f"{name.replace('@', '_at_')}_fid": m["fid"] for name, m in models.items()})

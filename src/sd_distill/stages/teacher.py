@@ -12,42 +12,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sd_distill import diffusion
+from sd_distill.data.latents import encode_images, latent_data, to_model_range
 from sd_distill.data.shards import Split, read_split
+from sd_distill.diffusion import Schedule, min_snr_weight
 from sd_distill.models import parts
+from sd_distill.models.parts import pick_device
 from sd_distill.models.tokenizer import build_tokenizer
 from sd_distill.params import BaseParams, TeacherParams
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(base: BaseParams) -> str:
-    if base.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if base.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device=cuda but no CUDA device is visible; set base.device=cpu or auto")
-    return base.device
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """(N, max_length, hidden) last hidden states, as ``StableDiffusionPipeline.encode_prompt`` computes them."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
-def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Min-SNR-gamma weights for an epsilon target, min(SNR, gamma) / SNR (Hang et al. 2023, eq. 10)."""
-    if gamma is None:
-        return torch.ones_like(t, dtype=torch.float32)
-    a = alphas_cumprod[t]
-    snr = a / (1 - a)
-    return snr.clamp(max=gamma) / snr
 
 
 def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *, resume: bool = False,
@@ -57,14 +35,11 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
     cpu = device == "cpu"
     seed = base.seed
     torch.manual_seed(seed)
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+    images = to_model_range(data.images)  # (N, 3, H, W) in [-1, 1]
     n = len(images)
 
     tokenizer = build_tokenizer(data.captions, p.text_encoder.max_length)
     text_encoder = parts.build_text_encoder(p.text_encoder, tokenizer).eval().requires_grad_(False)
-    prompts = sorted(set(data.captions))
-    prompt_index = torch.tensor([prompts.index(c) for c in data.captions])
-    table = encode_prompts(tokenizer, text_encoder, prompts + [""])  # last row: the unconditional ""
 
     # 1. the autoencoder (Rombach et al. 2022, sec. 3: reconstruction + a small KL toward N(0, I))
     vae = parts.build_vae(p.vae)
@@ -84,37 +59,32 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
                 mixed_precision=base.mixed_precision, cpu=cpu, name="vae", on_metrics=on_metrics).model
     vae.requires_grad_(False)
 
-    # 2. cache latent distributions; SD's scaling factor makes the latents unit variance
-    with torch.no_grad():
-        dists = [vae.encode(images[i:i + 256].to(vae.device)).latent_dist for i in range(0, n, 256)]
-        mean = torch.cat([d.mean for d in dists]).cpu()
-        std = torch.cat([d.std for d in dists]).cpu()
-        sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    scaling = float(1.0 / sample.std())
-    vae.register_to_config(scaling_factor=scaling)
-    log.info("teacher: VAE latents %s, scaling_factor %.4f", tuple(mean.shape[1:]), scaling)
+    # 2. SD's scaling factor makes the latents unit variance; then cache posteriors and prompt embeddings
+    mean, std = encode_images(vae, images)
+    sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
+    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+    latents = latent_data(vae, tokenizer, text_encoder, data.images, data.captions)
+    log.info("teacher: VAE latents %s, scaling_factor %.4f", tuple(mean.shape[1:]), latents.scaling)
 
-    # 3. the UNet: epsilon prediction on scaled-linear betas, caption dropout for CFG (Ho & Salimans 2022)
+    # 3. the UNet on scaled-linear betas, caption dropout for CFG (Ho & Salimans 2022)
     unet = parts.build_unet(p.unet, sample_size=mean.shape[-1], in_channels=mean.shape[1],
                             cross_attention_dim=p.text_encoder.hidden_size)
     noise_scheduler = parts.build_noise_scheduler(p)
-    alphas_cumprod = noise_scheduler.alphas_cumprod
+    schedule = Schedule.from_scheduler(noise_scheduler)
 
     def unet_batch(step, micro, gen):
-        idx = torch.randint(0, n, (p.unet_train.batch_size,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        rows = prompt_index[idx].clone()
-        rows[torch.rand(len(idx), generator=gen) < p.caption_dropout] = len(prompts)
-        t = torch.randint(0, p.num_train_timesteps, (len(idx),), generator=gen)
-        return z, table[rows], t, torch.randn(z.shape, generator=gen)
+        x, cond, _ = latents.draw(p.unet_train.batch_size, gen, p.caption_dropout)
+        t = torch.randint(0, p.num_train_timesteps, (len(x),), generator=gen)
+        return x, cond, t, torch.randn(x.shape, generator=gen)
 
     def unet_loss(model, batch, gen):
         dev = next(model.parameters()).device
-        z, cond, t, noise = (b.to(dev) for b in batch)
-        noisy = noise_scheduler.add_noise(z, noise, t)
-        pred = model(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weight(alphas_cumprod.to(dev), t, p.snr_gamma)
+        x, cond, t, noise = (b.to(dev) for b in batch)
+        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
+        pred = model(alpha * x + sigma * noise, t, encoder_hidden_states=cond).sample
+        goal = diffusion.target(x, noise, alpha, sigma, p.prediction_type)
+        per_sample = F.mse_loss(pred.float(), goal, reduction="none").mean(dim=(1, 2, 3))
+        weights = min_snr_weight(noise_scheduler.alphas_cumprod, t.cpu(), p.snr_gamma, p.prediction_type).to(dev)
         return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
 
     unet = train(unet, unet_loss, unet_batch, p.unet_train, work / "unet", seed=seed, resume=resume,

@@ -190,8 +190,9 @@ def train(
             if bar.disable:
                 log.info("%s: step %d/%d loss %.4f  %.2f step/s  eta %.0fs", name, state.step, p.steps, mean, rate, eta)
             if on_metrics is not None:
-                on_metrics({f"{name}/loss": mean, f"{name}/lr": scheduler.get_last_lr()[0],
-                            **{f"{name}/{k}": v for k, v in extras.items()}}, state.step)
+                key = name.split("@")[0]  # MLflow metric names allow no "@"; each round has its own run anyway
+                on_metrics({f"{key}/loss": mean, f"{key}/lr": scheduler.get_last_lr()[0],
+                            **{f"{key}/{k}": v for k, v in extras.items()}}, state.step)
             window, tick = [], time.time()
         if state.step % p.checkpoint_every == 0 or state.step == p.steps:
             acc.wait_for_everyone()

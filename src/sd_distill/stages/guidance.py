@@ -1,0 +1,81 @@
+"""Stage ``guidance``: distill classifier-free guidance into a w-conditioned model (Meng et al. 2023, stage one).
+
+The student is the v-model with a guidance-weight input: ``UNet2DConditionModel(time_cond_proj_dim=...)``
+fed the Fourier features of w that ``StableDiffusionPipeline.get_guidance_scale_embedding`` computes (the
+stock pipeline passes w = guidance_scale - 1 and then makes one UNet call per step, no CFG batch). It learns
+the teacher's guided output (1 + w) v_cond - w v_uncond (Meng et al. 2023, eq. 6, in v form) for
+w ~ U[w_min, w_max] and t ~ U{0..T-1}. The new projection starts at zero, so the student starts as the
+teacher's conditional model. Output ``models/guided/``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from sd_distill import diffusion
+from sd_distill.data.latents import latent_data
+from sd_distill.data.shards import read_split
+from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.params import BaseParams, GuidanceParams
+from sd_distill.training.loop import MetricsFn, train
+
+
+def with_guidance_input(unet: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
+    """A copy of ``unet`` with a zero-initialised guidance projection of width ``dim``."""
+    student = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise RuntimeError(f"guidance: weight copy mismatch, missing={missing} unexpected={unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *, resume: bool = False,
+                     on_metrics: MetricsFn | None = None):
+    """Train the w-conditioned student of ``pipe`` (a v-prediction pipeline); returns the new pipeline."""
+    if pipe.scheduler.config.prediction_type != "v_prediction":
+        raise ValueError("guidance: the input model must predict v (run the vpred stage first), found "
+                         f"{pipe.scheduler.config.prediction_type!r}")
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        raise ValueError("guidance: the input UNet already has a guidance input (time_cond_proj_dim)")
+    schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
+    T = pipe.scheduler.config.num_train_timesteps
+    device = pick_device(base)
+    teacher = pipe.unet.to(device).eval().requires_grad_(False)
+    guided = diffusion.cfg(diffusion.unet_denoiser(teacher, schedule, "v_prediction"))
+    uncond = latents.uncond
+
+    def batch_fn(step, micro, gen):
+        x, cond, _ = latents.draw(p.train.batch_size, gen)
+        t = torch.randint(0, T, (len(x),), generator=gen)
+        w = p.w_min + (p.w_max - p.w_min) * torch.rand(len(x), generator=gen)
+        return x, cond, t, w, torch.randn(x.shape, generator=gen)
+
+    def loss_fn(model, batch, gen):
+        dev = next(model.parameters()).device
+        x, cond, t, w, noise = (b.to(dev) for b in batch)
+        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
+        z = alpha * x + sigma * noise
+        with torch.no_grad():
+            goal = guided(z, t, (cond, uncond.to(dev).expand_as(cond)), w)
+        pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
+        return F.mse_loss(pred.float(), goal.float()), {}
+
+    student = with_guidance_input(teacher, p.embedding_dim)
+    student = train(student, loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,
+                    mixed_precision=base.mixed_precision, cpu=device == "cpu", name="guidance",
+                    on_metrics=on_metrics).model
+    pipe.unet = student.cpu()
+    return pipe
+
+
+def main(ctx) -> None:
+    pipe = load_pipeline(ctx.inputs["vpred"])
+    split = read_split(ctx.inputs["data"], "train")
+    latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
+    pipe = distill_guidance(pipe, latents, ctx.params.guidance, ctx.params.base, ctx.work, resume=ctx.resume,
+                            on_metrics=ctx.log_metrics)
+    pipe.save_pretrained(ctx.outputs["model"], safe_serialization=True)
+    ctx.summary["time_cond_proj_dim"] = ctx.params.guidance.embedding_dim

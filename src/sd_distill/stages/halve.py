@@ -1,0 +1,123 @@
+"""Stage ``halve@N``: progressive distillation, one round (Salimans & Ho 2022, Algorithm 2; Meng et al. 2023,
+stage two, with the guidance weight w as an input of teacher and student).
+
+The teacher samples in 2N DDIM steps; the student, initialised from it, learns to land with ONE DDIM step
+where the teacher lands with two, so it samples in N. Timesteps are the student's own trailing grid (what
+``DDIMScheduler(timestep_spacing="trailing")`` visits for ``num_inference_steps=N``), each step going from t to
+t - T // N exactly as ``DDIMScheduler.step`` does. With ``halve.mode: direct`` the teacher is always the guided
+model at ``steps_from`` steps and spans one student step with steps_from / N of its steps (SnapFusion's direct
+distillation), to measure what the multi-round chain accumulates. Output ``models/steps-N/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from sd_distill import diffusion, registry
+from sd_distill.data.latents import latent_data
+from sd_distill.data.shards import read_split
+from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.params import BaseParams, HalveParams
+from sd_distill.training.loop import MetricsFn, train
+
+log = logging.getLogger(__name__)
+MODEL_CARD = "distill.json"
+
+
+def student_timesteps(scheduler, steps: int) -> torch.Tensor:
+    """The timesteps the stock DDIM pipeline visits for ``num_inference_steps=steps``."""
+    probe = DDIMScheduler.from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    return probe.timesteps.clone()
+
+
+def teacher_path(t: torch.Tensor, student_steps: int, teacher_steps: int, T: int) -> list[torch.Tensor]:
+    """Timesteps the teacher walks from t to the student's next point t - T // student_steps: teacher_steps /
+    student_steps DDIM steps of T // teacher_steps each, the last one ending exactly on the student's target."""
+    per = teacher_steps // student_steps
+    stride = T // teacher_steps
+    end = t - T // student_steps
+    return [t - k * stride for k in range(1, per)] + [end]
+
+
+@torch.no_grad()
+def teacher_target(teacher: diffusion.Denoiser, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, w: torch.Tensor,
+                   path: list[torch.Tensor], schedule: diffusion.Schedule) -> torch.Tensor:
+    """Run the teacher's DDIM steps along ``path`` from (z, t), then solve for the v that one student step needs."""
+    z_s, s = z, t
+    for nxt in path:
+        z_s = diffusion.ddim_step(z_s, teacher(z_s, s, cond, w), s, nxt, schedule)
+        s = nxt
+    return diffusion.halving_target(z, t, z_s, s, schedule)
+
+
+def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: HalveParams, base: BaseParams, work, *,
+                  resume: bool = False, on_metrics: MetricsFn | None = None):
+    """Train a ``student_steps`` sampler from ``pipe`` sampling in ``teacher_steps``; returns the student pipeline."""
+    config = pipe.scheduler.config
+    if config.prediction_type != "v_prediction" or pipe.unet.config.time_cond_proj_dim is None:
+        raise ValueError("halve: the teacher must be a w-conditioned v-prediction model (the guidance stage's output)")
+    if teacher_steps % student_steps:
+        raise ValueError(f"halve: teacher steps {teacher_steps} are not a multiple of student steps {student_steps}")
+    schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
+    T = config.num_train_timesteps
+    grid = student_timesteps(pipe.scheduler, student_steps)
+    device = pick_device(base)
+    teacher_unet = pipe.unet.to(device).eval().requires_grad_(False)
+    teacher = diffusion.unet_denoiser(teacher_unet, schedule, "v_prediction")
+    tp = p.train_for(student_steps)
+
+    def batch_fn(step, micro, gen):
+        x, cond, _ = latents.draw(tp.batch_size, gen)
+        t = grid[torch.randint(0, len(grid), (len(x),), generator=gen)]
+        w = p.w_min + (p.w_max - p.w_min) * torch.rand(len(x), generator=gen)
+        return x, cond, t, w, torch.randn(x.shape, generator=gen)
+
+    def loss_fn(model, batch, gen):
+        dev = next(model.parameters()).device
+        x, cond, t, w, noise = (b.to(dev) for b in batch)
+        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
+        z = alpha * x + sigma * noise
+        goal = teacher_target(teacher, z, t, cond, w, teacher_path(t, student_steps, teacher_steps, T), schedule)
+        pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
+        # MSE on v = (1 + SNR)-weighted MSE on x (Salimans & Ho 2022, sec. 4, "SNR+1" weighting)
+        return F.mse_loss(pred.float(), goal.float()), {}
+
+    student = pipe.unet.__class__.from_config(pipe.unet.config)
+    student.load_state_dict(teacher_unet.state_dict())
+    student = train(student.train(), loss_fn, batch_fn, tp, work, seed=base.seed, resume=resume,
+                    mixed_precision=base.mixed_precision, cpu=device == "cpu", name=f"halve@{student_steps}",
+                    on_metrics=on_metrics).model
+    pipe.unet = student.cpu()
+    return pipe
+
+
+def round_steps(stage_name: str) -> int:
+    return int(stage_name.split("@")[1])
+
+
+def main(ctx) -> None:
+    p: HalveParams = ctx.params.halve
+    n = round_steps(ctx.stage.name)
+    if p.mode == "direct":
+        source = ctx.root / registry.get("guidance").outputs["model"]
+        teacher_steps = p.steps_from
+    else:
+        source = ctx.inputs["teacher"]
+        teacher_steps = 2 * n
+    pipe = load_pipeline(source)
+    split = read_split(ctx.inputs["data"], "train")
+    latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
+    pipe = distill_round(pipe, latents, n, teacher_steps, p, ctx.params.base, ctx.work,
+                         resume=ctx.resume, on_metrics=ctx.log_metrics)
+    out = ctx.outputs["model"]
+    pipe.save_pretrained(out, safe_serialization=True)
+    card = {"num_inference_steps": n, "guidance_scale_range": [1 + p.w_min, 1 + p.w_max], "mode": p.mode,
+            "teacher": str(source.relative_to(ctx.root)), "teacher_steps": teacher_steps}
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
+    ctx.summary.update({"student_steps": n, "teacher_steps": teacher_steps})

@@ -1,0 +1,101 @@
+"""Smoke runs of vpred -> guidance -> halve@32..1 on teachers of each prediction type."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sd_distill import diffusion
+from sd_distill.params import HALVING_STEPS, resolve
+from sd_distill.runner import run_stage
+from tests.conftest import write_params
+
+CHAIN = ["vpred", "guidance", *[f"halve@{n}" for n in HALVING_STEPS]]
+
+
+def count_unet_calls(pipe):
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True)
+    return calls
+
+
+@pytest.fixture(scope="module", params=["epsilon", "sample", "v_prediction"])
+def chain(request, smoke_project, tmp_path_factory):
+    kind = request.param
+    if kind == "epsilon":  # the shared smoke project's teacher is the default, an epsilon model
+        return kind, smoke_project
+    root = tmp_path_factory.mktemp(f"chain-{kind}")
+    shutil.copytree(smoke_project / "data", root / "data")
+    sections = {"teacher": {"prediction_type": kind}}
+    if kind == "sample":  # the other vpred mode: data targets on betas rescaled to zero terminal SNR
+        sections["vpred"] = {"zero_terminal_snr": True, "targets": "data"}
+    # v_prediction with the defaults: same schedule, so vpred must copy the teacher through
+    params = resolve(write_params(root, **sections))
+    for stage in ["teacher", *CHAIN]:
+        run_stage(stage, params, root)
+    return kind, root
+
+
+def test_vpred_output_predicts_v_on_trailing_ddim(chain):
+    kind, root = chain
+    vpred = StableDiffusionPipeline.from_pretrained(root / "models" / "vpred")
+    assert vpred.scheduler.config.prediction_type == "v_prediction"
+    assert vpred.scheduler.config.timestep_spacing == "trailing"
+    teacher = StableDiffusionPipeline.from_pretrained(root / "models" / "teacher").unet.state_dict()
+    same = all(torch.equal(teacher[k], v) for k, v in vpred.unet.state_dict().items())
+    assert same == (kind == "v_prediction")  # copied through only when nothing needs to change
+    assert vpred.scheduler.config.rescale_betas_zero_snr == (kind == "sample")
+    if kind == "sample":
+        assert vpred.scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR: the last step is pure noise
+
+
+def test_guided_model_takes_w_and_samples_with_one_call_per_step(chain):
+    _, root = chain
+    pipe = StableDiffusionPipeline.from_pretrained(root / "models" / "guided")
+    assert pipe.unet.config.time_cond_proj_dim == 16
+    seen = []
+    pipe.unet.time_embedding.cond_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    calls = count_unet_calls(pipe)
+    out = pipe("a handwritten digit two", num_inference_steps=3, guidance_scale=7.5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert calls == [1, 1, 1]  # no CFG batch
+    expected = diffusion.guidance_embedding(torch.tensor([6.5]), 16)
+    assert len(seen) == 3 and all(torch.allclose(s, expected) for s in seen)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n", HALVING_STEPS)
+def test_every_round_is_a_stock_pipeline_sampling_in_n_calls(chain, n):
+    _, root = chain
+    folder = root / "models" / f"steps-{n}"
+    card = json.loads((folder / "distill.json").read_text())
+    assert card["num_inference_steps"] == n and card["teacher_steps"] == 2 * n
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    calls = count_unet_calls(pipe)
+    images = pipe(["a handwritten digit one"] * 2, num_inference_steps=n, guidance_scale=4.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert len(calls) == n and images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_direct_mode_distills_from_the_guided_model(chain, tmp_path):
+    kind, root = chain
+    if kind != "epsilon":
+        pytest.skip("one prediction type is enough for the direct mode")
+    for name in ("data", "models"):
+        shutil.copytree(root / name, tmp_path / name)
+    params = resolve(write_params(tmp_path, halve={"mode": "direct"}))
+    summary = run_stage("halve@4", params, tmp_path)
+    assert summary["teacher_steps"] == 64
+    card = json.loads((tmp_path / "models" / "steps-4" / "distill.json").read_text())
+    assert card["teacher"] == "models/guided" and card["mode"] == "direct"
+
+
+def test_guidance_refuses_an_epsilon_model(smoke_project, tmp_path):
+    shutil.copytree(smoke_project / "data", tmp_path / "data")
+    shutil.copytree(smoke_project / "models" / "teacher", tmp_path / "models" / "vpred")
+    with pytest.raises(ValueError, match="must predict v"):
+        run_stage("guidance", resolve(write_params(tmp_path)), tmp_path)
