@@ -141,7 +141,7 @@ class TeacherParams(Section):
     text_encoder: TextArch = TextArch()
     unet: UnetArch = UnetArch()
     vae_train: TrainParams = TrainParams(steps=400, learning_rate=1e-3, ema_decay=0.0, warmup_steps=20)
-    unet_train: TrainParams = TrainParams(steps=1000)
+    unet_train: TrainParams = TrainParams()
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = Field(
         "epsilon", description="what the UNet predicts; SD v1 predicts epsilon")
     kl_weight: float = Field(1e-6, ge=0)

@@ -59,6 +59,15 @@ class LatentData:
             rows[torch.rand(batch_size, generator=gen) < caption_dropout] = self.uncond_row
         return x, self.table[rows], idx
 
+    def draw_with_w(self, batch_size: int, gen: torch.Generator, timesteps: torch.Tensor, w_min: float,
+                    w_max: float):
+        """A batch for the w-conditioned stages: latents x, caption embeddings, timesteps drawn from ``timesteps``,
+        guidance weights w ~ U[w_min, w_max] and the noise, each (B, ...)."""
+        x, cond, _ = self.draw(batch_size, gen)
+        t = timesteps[torch.randint(0, len(timesteps), (batch_size,), generator=gen)]
+        w = w_min + (w_max - w_min) * torch.rand(batch_size, generator=gen)
+        return x, cond, t, w, torch.randn(x.shape, generator=gen)
+
     @property
     def uncond(self) -> torch.Tensor:
         return self.table[self.uncond_row]

@@ -47,11 +47,10 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
     guided = diffusion.cfg(diffusion.unet_denoiser(teacher, schedule, "v_prediction"))
     uncond = latents.uncond
 
+    every_t = torch.arange(T)
+
     def batch_fn(step, micro, gen):
-        x, cond, _ = latents.draw(p.train.batch_size, gen)
-        t = torch.randint(0, T, (len(x),), generator=gen)
-        w = p.w_min + (p.w_max - p.w_min) * torch.rand(len(x), generator=gen)
-        return x, cond, t, w, torch.randn(x.shape, generator=gen)
+        return latents.draw_with_w(p.train.batch_size, gen, every_t, p.w_min, p.w_max)
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device

@@ -73,10 +73,7 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
     tp = p.train_for(student_steps)
 
     def batch_fn(step, micro, gen):
-        x, cond, _ = latents.draw(tp.batch_size, gen)
-        t = grid[torch.randint(0, len(grid), (len(x),), generator=gen)]
-        w = p.w_min + (p.w_max - p.w_min) * torch.rand(len(x), generator=gen)
-        return x, cond, t, w, torch.randn(x.shape, generator=gen)
+        return latents.draw_with_w(tp.batch_size, gen, grid, p.w_min, p.w_max)
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
