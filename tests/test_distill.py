@@ -81,12 +81,9 @@ def test_every_round_is_a_stock_pipeline_sampling_in_n_calls(chain, n):
     assert len(calls) == n and images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
-def test_direct_mode_distills_from_the_guided_model(chain, tmp_path):
-    kind, root = chain
-    if kind != "epsilon":
-        pytest.skip("one prediction type is enough for the direct mode")
+def test_direct_mode_distills_from_the_guided_model(smoke_project, tmp_path):
     for name in ("data", "models"):
-        shutil.copytree(root / name, tmp_path / name)
+        shutil.copytree(smoke_project / name, tmp_path / name)
     params = resolve(write_params(tmp_path, halve={"mode": "direct"}))
     summary = run_stage("halve@4", params, tmp_path)
     assert summary["teacher_steps"] == 64
