@@ -55,6 +55,7 @@ class Stage:
         return {**self.outputs, **self.metrics, **self.plots}
 
 
+MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # every stage that trains or samples a model
 CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/models/parts.py",
                 "src/sd_distill/training")
 
@@ -71,7 +72,7 @@ def halving_rounds() -> tuple[Stage, ...]:
             inputs={"data": "data/prepared", "teacher": teacher},
             outputs={"model": f"models/steps-{n}"},
             code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
-            resources=Resources(cpu="4", memory="16Gi"),
+            resources=MODEL_STAGE,
         ))
         teacher = f"models/steps-{n}"
     return tuple(rounds)
@@ -94,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared"},
         outputs={"model": "models/teacher"},
         code=("src/sd_distill/stages/teacher.py", "src/sd_distill/models/tokenizer.py", *CODE_DISTILL),
-        resources=Resources(cpu="4", memory="16Gi"),
+        resources=MODEL_STAGE,
     ),
     Stage(
         name="vpred",
@@ -103,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "teacher": "models/teacher"},
         outputs={"model": "models/vpred"},
         code=("src/sd_distill/stages/vpred.py", *CODE_DISTILL),
-        resources=Resources(cpu="4", memory="16Gi"),
+        resources=MODEL_STAGE,
     ),
     Stage(
         name="guidance",
@@ -112,7 +113,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "vpred": "models/vpred"},
         outputs={"model": "models/guided"},
         code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
-        resources=Resources(cpu="4", memory="16Gi"),
+        resources=MODEL_STAGE,
     ),
     *halving_rounds(),
     Stage(
@@ -128,7 +129,7 @@ STAGES: tuple[Stage, ...] = (
             "title": "FID (classifier features) against sampling steps: students vs the teacher's solvers",
             "x_label": "sampling steps", "y_label": "FID"}},
         code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/models/classifier.py"),
-        resources=Resources(cpu="4", memory="16Gi"),
+        resources=MODEL_STAGE,
     ),
 )
 
