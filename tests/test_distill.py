@@ -1,4 +1,4 @@
-"""Smoke runs of vpred -> guidance -> halve@32..1 on teachers of each prediction type."""
+"""Smoke runs of vpred -> guidance -> prune -> halve@32..1 on teachers of each prediction type."""
 
 import json
 import shutil
@@ -13,7 +13,8 @@ from sd_distill.params import HALVING_STEPS, resolve
 from sd_distill.runner import run_stage
 from tests.conftest import write_params
 
-CHAIN = ["vpred", "guidance", *[f"halve@{n}" for n in HALVING_STEPS]]
+CHAIN = ["vpred", "guidance", "prune", *[f"halve@{n}" for n in HALVING_STEPS]]
+PRUNE = {"epsilon": "small", "sample": "tiny", "v_prediction": "none"}  # every BK variant under halving
 
 
 def count_unet_calls(pipe):
@@ -29,7 +30,7 @@ def chain(request, smoke_project, tmp_path_factory):
         return kind, smoke_project
     root = tmp_path_factory.mktemp(f"chain-{kind}")
     shutil.copytree(smoke_project / "data", root / "data")
-    sections = {"teacher": {"prediction_type": kind}}
+    sections = {"teacher": {"prediction_type": kind}, "prune": {"variant": PRUNE[kind]}}
     if kind == "sample":  # the other vpred mode: data targets on betas rescaled to zero terminal SNR
         sections["vpred"] = {"zero_terminal_snr": True, "targets": "data"}
     # v_prediction with the defaults: same schedule, so vpred must copy the teacher through
@@ -69,26 +70,27 @@ def test_guided_model_takes_w_and_samples_with_one_call_per_step(chain):
 
 @pytest.mark.parametrize("n", HALVING_STEPS)
 def test_every_round_is_a_stock_pipeline_sampling_in_n_calls(chain, n):
-    _, root = chain
+    kind, root = chain
     folder = root / "models" / f"steps-{n}"
     card = json.loads((folder / "distill.json").read_text())
     assert card["num_inference_steps"] == n and card["teacher_steps"] == 2 * n
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert (pipe.unet.mid_block is None) == (PRUNE[kind] in ("small", "tiny"))  # halving ran on the pruned UNet
     calls = count_unet_calls(pipe)
     images = pipe(["a handwritten digit one"] * 2, num_inference_steps=n, guidance_scale=4.0, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert len(calls) == n and images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
-def test_direct_mode_distills_from_the_guided_model(smoke_project, tmp_path):
+def test_direct_mode_distills_from_the_first_teacher(smoke_project, tmp_path):
     for name in ("data", "models"):
         shutil.copytree(smoke_project / name, tmp_path / name)
     params = resolve(write_params(tmp_path, halve={"mode": "direct"}))
     summary = run_stage("halve@4", params, tmp_path)
     assert summary["teacher_steps"] == 64
     card = json.loads((tmp_path / "models" / "steps-4" / "distill.json").read_text())
-    assert card["teacher"] == "models/guided" and card["mode"] == "direct"
+    assert card["teacher"] == "models/pruned" and card["mode"] == "direct"
 
 
 def test_guidance_refuses_an_epsilon_model(smoke_project, tmp_path):

@@ -29,8 +29,21 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     assert teacher["samples"] == 20 and teacher["unet_calls_per_image"] == 8
     models = metrics["models"]
     assert set(models) == {"teacher@4", "teacher-dpmpp@2", "teacher-dpmpp@1", "teacher-ddim@2", "teacher-ddim@1",
-                           "guided@4", *[f"steps-{n}@{n}" for n in (32, 16, 8, 4, 2, 1)]}
+                           "guided@4", "pruned@4", *[f"steps-{n}@{n}" for n in (32, 16, 8, 4, 2, 1)],
+                           "student@1", "student-vae@1"}
     assert models["steps-2@2"]["unet_calls_per_image"] == 2 and models["teacher-dpmpp@2"]["unet_calls_per_image"] == 4
+    # the compact models are smaller; the student differs from its full-VAE twin only in the decoder
+    assert models["pruned@4"]["unet_parameters"] < models["guided@4"]["unet_parameters"]
+    assert models["steps-1@1"]["unet_parameters"] == models["pruned@4"]["unet_parameters"]
+    assert models["student@1"]["decoder"] == "AutoencoderTiny" and models["student-vae@1"]["decoder"] == "AutoencoderKL"
+    assert models["student@1"]["unet_parameters"] == models["student-vae@1"]["unet_parameters"]
+    assert models["pruned@4"]["unet_macs_per_call"] < models["guided@4"]["unet_macs_per_call"]
+    assert models["student@1"]["decoder_macs"] < models["student-vae@1"]["decoder_macs"]
+    assert models["teacher@4"]["unet_macs_per_image"] == 8 * models["teacher@4"]["unet_macs_per_call"]
+    assert models["student-vae@1"]["decoder_parameters"] == models["teacher@4"]["decoder_parameters"]
+    # same UNet, scheduler and VAE as steps-1: the same images, so the same scores
+    assert models["student-vae@1"]["fid"] == pytest.approx(models["steps-1@1"]["fid"], rel=1e-4)
+    assert models["student-vae@1"]["accuracy"] == models["steps-1@1"]["accuracy"]
     assert models["teacher@4"]["fid_ratio"] == pytest.approx(1.0)
     rows = (evaluated / "reports" / "quality_vs_steps.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["steps", "student_fid", "student_accuracy", "dpmpp_fid"]

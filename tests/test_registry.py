@@ -14,8 +14,8 @@ def test_committed_dvc_yaml_is_generated_from_registry():
 def test_registry_invariants_hold():
     registry.check()
     names = [s.name for s in registry.STAGES]
-    assert names == ["prepare", "teacher", "vpred", "guidance", "halve@32", "halve@16", "halve@8", "halve@4",
-                     "halve@2", "halve@1", "evaluate"]
+    assert names == ["prepare", "teacher", "vpred", "guidance", "prune", "halve@32", "halve@16", "halve@8",
+                     "halve@4", "halve@2", "halve@1", "decoder", "assemble", "evaluate"]
     for s in registry.STAGES:
         assert s.params_section in SECTIONS
 
@@ -34,8 +34,9 @@ def test_stages_json_and_dvc_yaml_list_same_stages_and_edges():
                             if str(d.def_path) in produced})
     assert sorted(s["name"] for s in listed["stages"]) == sorted(stages)
     assert sorted(tuple(e) for e in listed["edges"]) == dvc_edges
-    for edge in [("prepare", "teacher"), ("teacher", "vpred"), ("vpred", "guidance"), ("guidance", "halve@32"),
-                 ("halve@2", "halve@1"), ("halve@1", "evaluate")]:
+    for edge in [("prepare", "teacher"), ("teacher", "vpred"), ("vpred", "guidance"), ("guidance", "prune"),
+                 ("prune", "halve@32"), ("halve@2", "halve@1"), ("halve@1", "assemble"), ("teacher", "decoder"),
+                 ("decoder", "assemble"), ("assemble", "evaluate")]:
         assert edge in dvc_edges
 
 

@@ -18,6 +18,7 @@ EPILOG = """examples:
   sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
   sd-distill sample models/teacher --prompt "a handwritten digit seven" --steps 64 --guidance 7.5 --out seven.png
   sd-distill sample models/steps-1 --prompt "a handwritten digit seven" --out seven-1step.png --scale 8
+  sd-distill inspect --arch sd15 --bk small --decoder tiny   parameters and MACs per call, nothing downloaded
 """
 
 
@@ -62,6 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("sample.png"), help="PNG to write (default sample.png)")
     p.add_argument("--scale", type=int, default=1, help="upscale the PNG by this factor (nearest), for tiny models")
+
+    from sd_distill.models.bk import VARIANTS
+
+    p = sub.add_parser(
+        "inspect", help="parameters and MACs per call of SD v1.5 or a model folder, with BK-SDM cuts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Count parameters (UNet, VAE decoder and encoder, text encoder) and multiply-accumulates per\n"
+                    "call (one UNet call, one latent decoded) at the model's resolution (512x512 for sd15), batch 1.\n"
+                    "--arch builds the model from its published configs on the meta device: random weights,\n"
+                    "nothing downloaded, no memory. A PATH is loaded offline; --bk and --decoder tiny add random\n"
+                    "parts built from its configs. Counts do not depend on the weights.\n\n"
+                    "MACs = FLOPs / 2 of matmuls and convolutions (torch FlopCounterMode; norms, activations and\n"
+                    "softmax are not counted), split into the attention matmuls (QK^T and AV inside attention)\n"
+                    "and everything else (convolutions and linear layers, q/k/v/out projections included). The\n"
+                    "widely quoted 339G MACs of SD v1.5's UNet is the figure without attention matmuls; with\n"
+                    "them one call is ~402G MACs (~803 GFLOPs).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("model_dir", nargs="?", type=Path, metavar="PATH",
+                     help="a StableDiffusionPipeline folder, e.g. models/teacher or models/student")
+    src.add_argument("--arch", help="a published architecture built from its configs; one of: sd15")
+    p.add_argument("--bk", default="none", choices=VARIANTS,
+                   help="cut the UNet to a BK-SDM variant first and compare with the uncut parent (default none)")
+    p.add_argument("--decoder", choices=("full", "tiny"), default=None,
+                   help="full: the AutoencoderKL decoder; tiny: a TAESD-shaped AutoencoderTiny (64 channels) in "
+                        "its place (default: the model's own decoder)")
+    p.add_argument("--json", action="store_true", help="JSON on stdout, nothing else")
     return parser
 
 
@@ -149,8 +176,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from sd_distill.models import costs
+
+    if args.arch is not None:
+        report = costs.report_arch(args.arch, args.bk, args.decoder)
+    else:
+        report = costs.report_folder(args.model_dir, args.bk, args.decoder)
+    print(json.dumps(report, indent=2) if args.json else costs.render(report))
+    return 0
+
+
 COMMANDS = {"stages": cmd_stages, "params": cmd_params, "run": cmd_run, "repro": cmd_repro, "dvc": cmd_dvc,
-            "sample": cmd_sample}
+            "sample": cmd_sample, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

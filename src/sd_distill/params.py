@@ -174,11 +174,37 @@ class GuidanceParams(Section):
     w_min: float = Field(0.0, ge=0, description="smallest guidance weight w = guidance_scale - 1")
     w_max: float = Field(8.0, ge=0, description="largest w; the default range holds w = 6.5 (scale 7.5)")
     embedding_dim: int = Field(64, ge=2, description="time_cond_proj_dim: Fourier features of w")
-    train: TrainParams = TrainParams(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20,
+    train: TrainParams = TrainParams(steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=20,
                                      ema_decay=0.99, checkpoint_every=100)
 
     @model_validator(mode="after")
     def _check(self) -> "GuidanceParams":
+        if self.w_max < self.w_min:
+            raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
+        return self
+
+
+BK_VARIANTS = ("none", "base", "small", "tiny")
+
+
+class PruneParams(Section):
+    """BK-SDM block removal + distillation (Kim et al. 2023); the loss weights are BK-SDM's defaults."""
+
+    variant: Literal["none", "base", "small", "tiny"] = Field(
+        "small", description="none: the guided model unchanged; base: one resnet(+attention) fewer per stage; "
+                             "small: base without the mid block; tiny: small without the innermost stage")
+    task_weight: float = Field(1.0, ge=0, description="denoising loss on the data (v), on the w = 0 share")
+    out_kd_weight: float = Field(1.0, ge=0, description="output KD: MSE to the parent's output at the same w")
+    feat_kd_weight: float = Field(1.0, ge=0, description="feature KD: MSE at the end of every kept stage")
+    task_share: float = Field(0.25, ge=0, le=1, description="share of each batch drawn at w = 0, where the "
+                                                            "data's v is the right task target")
+    w_min: float = Field(0.0, ge=0)
+    w_max: float = Field(8.0, ge=0)
+    train: TrainParams = TrainParams(steps=600, batch_size=64, learning_rate=1e-3, warmup_steps=20,
+                                     ema_decay=0.99, checkpoint_every=200)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneParams":
         if self.w_max < self.w_min:
             raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
         return self
@@ -215,6 +241,40 @@ class HalveParams(Section):
         return self.train.model_copy(update={"steps": self.round_steps.get(steps, self.train.steps)})
 
 
+class DecoderArch(Section):
+    """``diffusers.AutoencoderTiny`` (TAESD) shape: one entry per stage, as many stages as the teacher VAE's."""
+
+    channels: int = Field(64, ge=4, description="channels of every stage (TAESD: 64)")
+    encoder_blocks: tuple[int, ...] | None = Field(None, description="blocks per encoder stage; null: TAESD's "
+                                                   "(1, 3, 3, 3) cut to the VAE's stage count")
+    decoder_blocks: tuple[int, ...] | None = Field(None, description="blocks per decoder stage; null: (3, 3, 3, 1) cut")
+
+
+class DecoderParams(Section):
+    """TAESD-style tiny autoencoder distilled from the teacher's ``AutoencoderKL`` (output distillation)."""
+
+    arch: DecoderArch = DecoderArch(channels=32)
+    adversarial_weight: float = Field(0.0, ge=0, description="SDXS-style patch-discriminator loss weight; 0: off")
+    encoder_weight: float = Field(1.0, ge=0, description="weight of the encoder's latent-matching loss")
+    latent_noise: float = Field(0.1, ge=0, description="std of noise added to teacher latents fed to the decoder, "
+                                                       "so it also decodes the imperfect latents a sampler makes")
+    eval_images: int = Field(256, ge=1, description="held-out images for PSNR and decode timing")
+    train: TrainParams = TrainParams(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20,
+                                     ema_decay=0.0, checkpoint_every=200)
+
+
+class AssembleParams(Section):
+    steps: int = Field(1, description="which steps-N student becomes models/student (the sampling steps)")
+    guidance: float = Field(7.5, ge=1, description="default guidance_scale written to the model card")
+    decoder: Literal["tiny", "full"] = Field("tiny", description="tiny: the distilled AutoencoderTiny; full: the VAE")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AssembleParams":
+        if self.steps not in HALVING_STEPS:
+            raise ValueError(f"steps must be one of the halving rounds {list(HALVING_STEPS)}, found {self.steps}")
+        return self
+
+
 class EvaluateParams(Section):
     steps: int = Field(64, ge=1, description="teacher sampling steps (DDIM)")
     guidance: float = Field(7.5, ge=1, description="classifier-free guidance scale, diffusers convention")
@@ -232,7 +292,10 @@ SECTIONS: dict[str, type[Section]] = {
     "teacher": TeacherParams,
     "vpred": VpredParams,
     "guidance": GuidanceParams,
+    "prune": PruneParams,
     "halve": HalveParams,
+    "decoder": DecoderParams,
+    "assemble": AssembleParams,
     "evaluate": EvaluateParams,
 }
 
@@ -244,13 +307,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {
             "vae": {"block_out_channels": [8, 16], "norm_num_groups": 8},
             "text_encoder": {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32},
-            "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "attention_head_dim": 4},
+            "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 2, "attention_head_dim": 4},
             "vae_train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
             "unet_train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 0},
         },
         "vpred": {"train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "guidance": {"embedding_dim": 16,
                      "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
+        "prune": {"train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
+        "decoder": {"arch": {"channels": 8}, "eval_images": 16,
+                    "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "halve": {"train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
                   "round_steps": {n: 2 for n in HALVING_STEPS}},
         "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1]},
@@ -260,6 +326,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prepare": {"source": "folder", "path": "data/raw", "resolution": 512, "min_size": 512,
                     "max_reject_rate": 0.2, "shard_size": 2000},
         "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
+        "decoder": {"arch": {"channels": 64}},  # TAESD's width: a 1.2M-parameter decoder
         "evaluate": {"samples_per_prompt": 1, "batch_size": 8},
     },
 }
@@ -361,7 +428,10 @@ class Params(BaseModel):
     teacher: TeacherParams
     vpred: VpredParams
     guidance: GuidanceParams
+    prune: PruneParams
     halve: HalveParams
+    decoder: DecoderParams
+    assemble: AssembleParams
     evaluate: EvaluateParams
 
     def for_stage(self, section: str) -> dict[str, Any]:

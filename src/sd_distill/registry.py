@@ -4,8 +4,8 @@ Imports no torch, so DAG files and ``sd-distill stages`` stay fast. Paths live h
 a stage's entry receives them from its record (``ctx.inputs[...]`` / ``ctx.outputs[...]``).
 The DAG of the whole product (later stages join this table as their issues land)::
 
-    prepare -> teacher -> vpred -> guidance -> prune -> halve@N... -> assemble -> evaluate -> register
-                      \\-> decoder ------------------------------------/
+    prepare -> teacher -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate
+                      \\-> decoder -------------------------------------------------/
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py",
 def halving_rounds() -> tuple[Stage, ...]:
     """One stage per round, ``halve@N`` for N in 32, 16, ..., 1; round N's teacher is round 2N's student."""
     rounds = []
-    teacher = "models/guided"
+    teacher = "models/pruned"
     for n in HALVING_STEPS:
         rounds.append(Stage(
             name=f"halve@{n}",
             entry="sd_distill.stages.halve:main",
-            doc=f"progressive distillation round: {2 * n}-step teacher -> {n}-step student",
+            doc=f"progressive distillation round: {2 * n}-step teacher -> {n}-step student (w-conditioned)",
             inputs={"data": "data/prepared", "teacher": teacher},
             outputs={"model": f"models/steps-{n}"},
             code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
@@ -115,13 +115,43 @@ STAGES: tuple[Stage, ...] = (
         code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
         resources=MODEL_STAGE,
     ),
+    Stage(
+        name="prune",
+        entry="sd_distill.stages.prune:main",
+        doc="BK-SDM block removal (base/small/tiny) distilled from the guided model; none: copy it through",
+        inputs={"data": "data/prepared", "guided": "models/guided"},
+        outputs={"model": "models/pruned"},
+        code=("src/sd_distill/stages/prune.py", "src/sd_distill/models/bk.py", *CODE_DISTILL),
+        resources=MODEL_STAGE,
+    ),
     *halving_rounds(),
+    Stage(
+        name="decoder",
+        entry="sd_distill.stages.decoder:main",
+        doc="distill a TAESD-style AutoencoderTiny from the teacher's VAE (beside the UNet branch)",
+        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        outputs={"model": "models/decoder"},
+        metrics={"metrics": "reports/decoder.json"},
+        code=("src/sd_distill/stages/decoder.py", *CODE_DISTILL),
+        resources=MODEL_STAGE,
+    ),
+    Stage(
+        name="assemble",
+        entry="sd_distill.stages.assemble:main",
+        doc="models/student: the chosen steps-N UNet + tiny decoder + text encoder + DDIM scheduler",
+        inputs={"teacher": "models/teacher", "decoder": "models/decoder",
+                **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
+        outputs={"model": "models/student"},
+        code=("src/sd_distill/stages/assemble.py", "src/sd_distill/models/parts.py"),
+        resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
+    ),
     Stage(
         name="evaluate",
         entry="sd_distill.stages.evaluate:main",
         doc="sample the models, score prompt adherence and FID, write reports/metrics.json",
         inputs={"data": "data/prepared", "teacher": "models/teacher", "guided": "models/guided",
-                **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
+                "pruned": "models/pruned", **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS},
+                "student": "models/student"},
         metrics={"metrics": "reports/metrics.json"},
         plots={"quality": "reports/quality_vs_steps.csv", "samples": "reports/teacher_samples.png"},
         plot_specs={"reports/quality_vs_steps.csv": {

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sd_distill.params import BaseParams, TeacherParams, TextArch, UnetArch, VaeArch
+from sd_distill.params import BaseParams, DecoderArch, TeacherParams, TextArch, UnetArch, VaeArch
 
 
 def pick_device(base: BaseParams) -> str:
@@ -31,6 +31,32 @@ def build_vae(arch: VaeArch) -> AutoencoderKL:
         layers_per_block=arch.layers_per_block,
         latent_channels=arch.latent_channels,
         norm_num_groups=arch.norm_num_groups,
+    )
+
+
+TAESD_ENCODER_BLOCKS = (1, 3, 3, 3)
+TAESD_DECODER_BLOCKS = (3, 3, 3, 1)
+
+
+def build_tiny_autoencoder(vae_config: dict, arch: DecoderArch) -> AutoencoderTiny:
+    """A TAESD-shaped ``AutoencoderTiny`` with the same latent channels and spatial factor as ``vae_config``
+    (an ``AutoencoderKL`` config): one stage per VAE stage, TAESD's block counts cut from the outside in.
+
+    Its latents are the diffusion model's (scaled) latents, so its ``scaling_factor`` is 1.0 and the stock
+    pipeline decodes ``latents / 1.0`` with it, as with ``madebyollin/taesd``.
+    """
+    stages = len(vae_config["block_out_channels"])
+    inner = stages - 1  # TAESD: one plain outer stage, then 3 blocks per inner stage (mirrored in the decoder)
+    enc = tuple(arch.encoder_blocks or (TAESD_ENCODER_BLOCKS[0], *TAESD_ENCODER_BLOCKS[1:][-inner:][:inner]))
+    dec = tuple(arch.decoder_blocks or (*TAESD_DECODER_BLOCKS[:-1][:inner], TAESD_DECODER_BLOCKS[-1]))
+    for name, blocks in (("encoder_blocks", enc), ("decoder_blocks", dec)):
+        if len(blocks) != stages:
+            raise ValueError(f"decoder.arch.{name}: expected {stages} entries (one per VAE stage), found {list(blocks)}")
+    return AutoencoderTiny(
+        in_channels=3, out_channels=3,
+        encoder_block_out_channels=(arch.channels,) * stages, decoder_block_out_channels=(arch.channels,) * stages,
+        num_encoder_blocks=enc, num_decoder_blocks=dec,
+        latent_channels=vae_config["latent_channels"], scaling_factor=1.0,
     )
 
 

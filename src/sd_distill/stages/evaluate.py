@@ -2,9 +2,11 @@
 
 tiny/smoke: ``samples_per_prompt`` images for each digit prompt, the same seeds for every model, through the
 stock pipeline: the teacher at ``steps`` (CFG, DDIM), the teacher with DPM-Solver++ and DDIM at each of
-``baseline_steps``, the guided model at ``steps``, and every ``steps-N`` student at N steps. Each gets the digit
-classifier's accuracy (prompt adherence), FID in the classifier's feature space against the real test split
-(torchmetrics FID with a custom feature extractor) and UNet calls per image. Writes ``reports/metrics.json``,
+``baseline_steps``, the guided and pruned models at ``steps``, every ``steps-N`` student at N steps, and the
+assembled student with its tiny decoder and with the teacher's VAE. Each gets the digit classifier's accuracy
+(prompt adherence), FID in the classifier's feature space against the real test split (torchmetrics FID with a
+custom feature extractor), UNet calls per image, UNet and decoder parameters and MACs (``models.costs``, attention
+matmuls included) and seconds per image. Writes ``reports/metrics.json``,
 ``reports/quality_vs_steps.csv`` (a DVC plot) and ``reports/teacher_samples.png`` (rows: digits 0-9).
 """
 
@@ -26,8 +28,10 @@ from tqdm.auto import tqdm
 from sd_distill.data.shards import read_split
 from sd_distill.data.sources import DIGIT_WORDS
 from sd_distill.models.classifier import DigitClassifier, FeatureExtractor, predict, to_tensor
+from sd_distill.models.costs import describe
 from sd_distill.models.parts import load_pipeline
 from sd_distill.params import EvaluateParams
+from sd_distill.stages.halve import MODEL_CARD
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +76,27 @@ class Candidate:
     model: str  # input role in the registry record
     solver: str  # "own" (the folder's scheduler), "dpmpp" or "ddim"
     steps: int
+    vae: str | None = None  # input role whose VAE replaces the folder's own (the student with the full VAE)
 
     def unet_calls(self, guided_input: bool, guidance: float) -> int:
         return self.steps * (1 if guided_input or guidance <= 1 else 2)
 
 
-def candidates(p: EvaluateParams, roles: list[str]) -> list[Candidate]:
-    """The teacher at ``p.steps``, the teacher with each baseline solver, the guided model, every student."""
+def candidates(p: EvaluateParams, roles: list[str], student_steps: int | None = None) -> list[Candidate]:
+    """The teacher at ``p.steps``, the teacher with each baseline solver, the guided and pruned models at
+    ``p.steps``, every ``steps-N`` student, and the assembled student with its tiny decoder and with the VAE."""
     out = [Candidate(f"teacher@{p.steps}", "teacher", "own", p.steps)]
     out += [Candidate(f"teacher-{solver}@{n}", "teacher", solver, n)
             for solver in p.baseline_solvers for n in p.baseline_steps]
-    if "guided" in roles:
-        out.append(Candidate(f"guided@{p.steps}", "guided", "own", p.steps))
+    for role in ("guided", "pruned"):
+        if role in roles:
+            out.append(Candidate(f"{role}@{p.steps}", role, "own", p.steps))
     for role in sorted((r for r in roles if r.startswith("steps-")), key=lambda r: -int(r.split("-")[1])):
         n = int(role.split("-")[1])
         out.append(Candidate(f"{role}@{n}", role, "own", n))
+    if "student" in roles and student_steps:
+        out.append(Candidate(f"student@{student_steps}", "student", "own", student_steps))
+        out.append(Candidate(f"student-vae@{student_steps}", "student", "own", student_steps, vae="teacher"))
     return out
 
 
@@ -150,11 +160,21 @@ def main(ctx) -> None:
     test, val = read_split(data, "test"), read_split(data, "val")
     models: dict[str, dict] = {}
     teacher_images = None
-    for cand in tqdm(candidates(p, list(ctx.inputs)), desc="evaluate", unit="model", disable=None):
+    student_steps = None
+    if "student" in ctx.inputs:
+        student_steps = json.loads((ctx.inputs["student"] / MODEL_CARD).read_text())["num_inference_steps"]
+    for cand in tqdm(candidates(p, list(ctx.inputs), student_steps), desc="evaluate", unit="model", disable=None):
         pipe = with_solver(load_pipeline(ctx.inputs[cand.model]), cand.solver)
+        if cand.vae:
+            pipe.vae = load_pipeline(ctx.inputs[cand.vae]).vae
         calls = cand.unet_calls(pipe.unet.config.time_cond_proj_dim is not None, p.guidance)
         models[cand.name], images = score(pipe, classifier, test.images, p, seed, cand.steps, calls)
-        models[cand.name].update({"model": cand.model, "solver": cand.solver})
+        cost = describe(pipe.unet, pipe.vae, seq_len=pipe.tokenizer.model_max_length)
+        models[cand.name].update({
+            "model": cand.model, "solver": cand.solver, "decoder": cost["decoder_class"],
+            "unet_parameters": cost["parameters"]["unet"], "decoder_parameters": cost["parameters"]["vae_decoder"],
+            "unet_macs_per_call": cost["unet_call"]["macs_total"], "decoder_macs": cost["decoder_call"]["macs_total"],
+            "unet_macs_per_image": cost["unet_call"]["macs_total"] * calls})
         if teacher_images is None:
             teacher_images = images
         log.info("evaluate: %-18s accuracy %.3f  FID %.3f  (%d UNet calls per image)", cand.name,

@@ -4,8 +4,9 @@ stage two, with the guidance weight w as an input of teacher and student).
 The teacher samples in 2N DDIM steps; the student, initialised from it, learns to land with ONE DDIM step
 where the teacher lands with two, so it samples in N. Timesteps are the student's own trailing grid (what
 ``DDIMScheduler(timestep_spacing="trailing")`` visits for ``num_inference_steps=N``), each step going from t to
-t - T // N exactly as ``DDIMScheduler.step`` does. With ``halve.mode: direct`` the teacher is always the guided
-model at ``steps_from`` steps and spans one student step with steps_from / N of its steps (SnapFusion's direct
+t - T // N exactly as ``DDIMScheduler.step`` does. The first teacher is ``models/pruned`` (the guided model itself when
+``prune.variant`` is ``none``). With ``halve.mode: direct`` the teacher is always that first teacher
+at ``steps_from`` steps and spans one student step with steps_from / N of its steps (SnapFusion's direct
 distillation), to measure what the multi-round chain accumulates. Output ``models/steps-N/``.
 """
 
@@ -22,7 +23,7 @@ from sd_distill import diffusion, registry
 from sd_distill.data.latents import latent_data
 from sd_distill.data.shards import read_split
 from sd_distill.models.parts import load_pipeline, pick_device
-from sd_distill.params import BaseParams, HalveParams
+from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def main(ctx) -> None:
     p: HalveParams = ctx.params.halve
     n = round_steps(ctx.stage.name)
     if p.mode == "direct":
-        source = ctx.root / registry.get("guidance").outputs["model"]
+        source = ctx.root / registry.get(f"halve@{HALVING_STEPS[0]}").inputs["teacher"]
         teacher_steps = p.steps_from
     else:
         source = ctx.inputs["teacher"]

@@ -1,0 +1,218 @@
+"""Stage ``decoder``: a TAESD-style tiny autoencoder distilled from the teacher's VAE (output distillation).
+
+The student is a diffusers ``AutoencoderTiny`` with TAESD's layout (``parts.build_tiny_autoencoder``) that works
+in the UNet's *scaled* latent space (its ``scaling_factor`` is 1.0): the stock ``StableDiffusionPipeline`` decodes
+``latents / vae.config.scaling_factor``, so ``pipe.vae = AutoencoderTiny.from_pretrained("models/decoder")``
+decodes the UNet's latents directly, as ``madebyollin/taesd`` does for SD. For a batch of training images x
+in [-1, 1], with sf the teacher's scaling factor:
+
+- decoder: MSE(tiny.decode(z), vae.decode(z / sf)) on z = sf * (a posterior sample of x) + ``latent_noise`` * n,
+  so the tiny decoder copies the full decoder also on the imperfect latents a sampler makes;
+- encoder: ``encoder_weight`` * MSE(tiny.encode(x), sf * posterior mean of x);
+- adversarial (optional, as SDXS (Song et al. 2024) adds to its decoder distillation): a patch discriminator
+  with hinge losses, the full decoder's images as real and the tiny decoder's as fake. The discriminator trains in
+  the same module, optimizer and backward pass as the student (see ``hinge_losses``), so checkpoints and
+  ``--resume`` hold it too; ``adversarial_weight`` weighs both halves, and the logged ``decoder/loss`` is their sum
+  with the MSEs. Only the ``AutoencoderTiny`` is saved.
+
+Held-out evaluation (``test`` split): PSNR of the tiny decoder against the full decoder on the same latents,
+PSNR of both round trips (full encoder -> each decoder) against the images, parameter counts and the decode-time
+ratio. Outputs ``models/decoder/`` (an ``AutoencoderTiny`` folder, safetensors) and ``reports/decoder.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny
+from torch.func import functional_call
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from sd_distill.data.latents import encode_images, to_model_range
+from sd_distill.data.shards import read_split
+from sd_distill.models import parts
+from sd_distill.models.parts import pick_device
+from sd_distill.params import BaseParams, DecoderParams
+from sd_distill.training.loop import MetricsFn, train
+
+log = logging.getLogger(__name__)
+TIMING_WARMUP = 2
+TIMING_REPEATS = 7
+
+
+def patch_discriminator(channels: int) -> torch.nn.Sequential:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 1, H/4, W/4) realness logits, one per overlapping patch."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, channels, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(2 * channels, 1, 3, padding=1),
+    )
+
+
+class TinyWithCritic(torch.nn.Module):
+    """What the shared loop trains: the tiny autoencoder and, with the adversarial loss on, its discriminator.
+
+    One module, so the loop's optimizer, checkpoints and ``--resume`` cover the discriminator too; only ``tiny``
+    is saved as the stage's output.
+    """
+
+    def __init__(self, tiny: AutoencoderTiny, critic: torch.nn.Module | None = None):
+        super().__init__()
+        self.tiny = tiny
+        self.critic = critic
+
+
+def hinge_losses(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hinge GAN losses (Lim & Ye 2017) in one backward pass: (discriminator loss, generator loss).
+
+    The discriminator loss sees detached images, so it trains only the critic; the generator loss runs the critic
+    with detached weights, so it trains only the generator. The shared loop's one optimizer can then step both
+    (with one learning-rate schedule and one gradient-norm clip over both).
+    """
+    d_loss = F.relu(1 - critic(real.detach())).mean() + F.relu(1 + critic(fake.detach())).mean()
+    frozen = {name: w.detach() for name, w in critic.named_parameters()}
+    g_loss = -functional_call(critic, frozen, (fake,)).mean()
+    return d_loss, g_loss
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """dB over a whole set of images in [-1, 1], compared in [0, 1]."""
+    return float(peak_signal_noise_ratio((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2, data_range=1.0))
+
+
+def _median_seconds(fn, device: str) -> float:
+    def once() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(TIMING_WARMUP):
+        once()
+    return statistics.median(once() for _ in range(TIMING_REPEATS))
+
+
+def _count(*modules: torch.nn.Module | None) -> int:
+    return sum(t.numel() for m in modules if m is not None for t in m.parameters())
+
+
+@torch.no_grad()
+def evaluate_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Tensor, batch: int, *,
+                     timing: bool = True) -> dict:
+    """Quality and cost of ``tiny`` against ``vae`` on (N, 3, H, W) images in [-1, 1], ``batch`` at a time.
+
+    PSNRs are in dB over the whole set; the round trips start from the full encoder's posterior mean. Decode
+    times are the median of several runs on one batch of latents after a warm-up (``timing=False`` skips them).
+    """
+    sf = vae.config.scaling_factor
+    device = vae.device
+    x = images.to(device)
+    z = encode_images(vae, images, batch)[0].to(device) * sf  # the UNet's latents of these images
+    full = _batched(lambda v: vae.decode(v / sf).sample, z, batch)
+    small = _batched(lambda v: tiny.decode(v).sample, z, batch)
+    small_rt = _batched(lambda v: tiny.decode(tiny.encode(v).latents).sample, x, batch)
+    quality = {
+        "psnr_tiny_vs_full": _psnr(small, full),
+        "psnr_full_vs_real": _psnr(full, x),
+        "psnr_tiny_vs_real": _psnr(small, x),
+        "psnr_tiny_roundtrip_vs_real": _psnr(small_rt, x),  # tiny encoder -> tiny decoder
+    }
+    if not timing:
+        return quality
+    timed = z[:batch]
+    full_s = _median_seconds(lambda: vae.decode(timed / sf), device.type)
+    tiny_s = _median_seconds(lambda: tiny.decode(timed), device.type)
+    return {
+        **quality,
+        "tiny_decoder_parameters": _count(tiny.decoder),
+        "full_decoder_parameters": _count(vae.decoder, vae.post_quant_conv),
+        "tiny_encoder_parameters": _count(tiny.encoder),
+        "full_encoder_parameters": _count(vae.encoder, vae.quant_conv),
+        "full_decode_seconds": full_s,
+        "tiny_decode_seconds": tiny_s,
+        "decode_speedup": full_s / tiny_s,
+        "eval_images": len(x),
+        "timing_batch": len(timed),
+    }
+
+
+def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Tensor, p: DecoderParams,
+                    base: BaseParams, work: Path, *, resume: bool = False,
+                    on_metrics: MetricsFn | None = None) -> AutoencoderTiny:
+    """Train ``tiny`` on (N, 3, H, W) images in [-1, 1] to copy ``vae`` (frozen, on its device); returns it."""
+    sf = vae.config.scaling_factor
+    mean, std = encode_images(vae, images, p.train.batch_size)  # posteriors, computed once
+    torch.manual_seed(base.seed)
+    critic = patch_discriminator(p.arch.channels) if p.adversarial_weight > 0 else None
+    n = len(images)
+
+    def batch_fn(step, micro, gen):
+        idx = torch.randint(0, n, (p.train.batch_size,), generator=gen)
+        sample = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        z = sf * sample + p.latent_noise * torch.randn(sample.shape, generator=gen)
+        return images[idx], z, sf * mean[idx]
+
+    def loss_fn(model, batch, gen):
+        dev = next(model.parameters()).device
+        x, z, goal_latents = (b.to(dev) for b in batch)
+        with torch.no_grad():
+            goal = vae.decode(z / sf).sample.float()
+        fake = model.tiny.decode(z).sample.float()
+        dec = F.mse_loss(fake, goal)
+        enc = F.mse_loss(model.tiny.encode(x).latents.float(), goal_latents)
+        loss = dec + p.encoder_weight * enc
+        extra = {"decoder_mse": dec.item(), "encoder_mse": enc.item()}
+        if model.critic is not None:
+            d_loss, g_loss = hinge_losses(model.critic, goal, fake)
+            loss = loss + p.adversarial_weight * (g_loss + d_loss)
+            extra.update(critic_hinge=d_loss.item(), generator_hinge=g_loss.item())
+        return loss, extra
+
+    trained = train(TinyWithCritic(tiny, critic), loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,
+                    mixed_precision=base.mixed_precision, cpu=vae.device.type == "cpu", name="decoder",
+                    on_metrics=on_metrics).model
+    return trained.tiny
+
+
+def load_teacher_vae(teacher: Path) -> AutoencoderKL:
+    folder = Path(teacher) / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no teacher VAE (vae/config.json); run `sd-distill run teacher` first")
+    parts.quiet_loading_bars()
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+
+
+def main(ctx) -> None:
+    p: DecoderParams = ctx.params.decoder
+    device = pick_device(ctx.params.base)
+    vae = load_teacher_vae(ctx.inputs["teacher"]).to(device).eval().requires_grad_(False)
+    train_images = to_model_range(read_split(ctx.inputs["data"], "train").images)
+    test_images = to_model_range(read_split(ctx.inputs["data"], "test").images[:p.eval_images])
+
+    torch.manual_seed(ctx.params.base.seed)
+    tiny = parts.build_tiny_autoencoder(dict(vae.config), p.arch).to(device).eval()
+    baseline = evaluate_decoder(vae, tiny, test_images, p.train.batch_size, timing=False)["psnr_tiny_vs_full"]
+    tiny = distill_decoder(vae, tiny, train_images, p, ctx.params.base, ctx.work, resume=ctx.resume,
+                           on_metrics=ctx.log_metrics)
+    metrics = {**evaluate_decoder(vae, tiny, test_images, p.train.batch_size),
+               "psnr_tiny_vs_full_untrained": baseline}
+    log.info("decoder: PSNR %.2f dB vs the full decoder (untrained %.2f), %.1fx faster decode",
+             metrics["psnr_tiny_vs_full"], baseline, metrics["decode_speedup"])
+
+    tiny.cpu().save_pretrained(ctx.outputs["model"], safe_serialization=True)
+    ctx.outputs["metrics"].write_text(json.dumps(metrics, indent=2))
+    ctx.summary.update(metrics)

@@ -1,0 +1,141 @@
+"""Stage ``prune``: BK-SDM block removal with distillation (Kim et al. 2023), applied to the guided model.
+
+The compact UNet is the parent's config with the variant's blocks removed (``models.bk``: base, small, tiny),
+initialised with the kept blocks' weights, so it keeps the guidance input (``time_cond_proj_dim``). It learns
+from the parent with BK-SDM's three losses, each weighted in params:
+
+- task: the denoising loss on the data, v = alpha * eps - sigma * x. The parent is w-conditioned and the data's
+  v is the right target only for w = 0 (the conditional model), so a ``task_share`` of every batch is drawn at
+  w = 0 and the task loss applies to those samples;
+- output KD: MSE to the parent's output for the same (z, t, prompt, w);
+- feature KD: MSE between the features at the end of every kept stage (the last block before any resampling,
+  see ``bk.stage_features``) of student and parent, summed over stages.
+
+``variant: none`` copies the guided model through unchanged. Output ``models/pruned/`` (+ ``prune.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from sd_distill import diffusion
+from sd_distill.data.latents import latent_data
+from sd_distill.errors import UserError
+from sd_distill.data.shards import read_split
+from sd_distill.models import bk
+from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.params import BaseParams, PruneParams
+from sd_distill.training.loop import MetricsFn, train
+
+log = logging.getLogger(__name__)
+MODEL_CARD = "prune.json"
+
+
+def compact_unet(parent: UNet2DConditionModel, variant: str) -> tuple[UNet2DConditionModel, dict[str, list[str]]]:
+    """The variant's compact UNet with every kept block copied from ``parent``; also the copy report."""
+    try:
+        config = bk.compact_config(dict(parent.config), variant)
+    except ValueError as exc:
+        raise UserError(f"prune.variant={variant}: {exc}; the parent UNet cannot lose these blocks "
+                        "(choose another variant, or none)") from None
+    student = UNet2DConditionModel.from_config(config)
+    with torch.no_grad():
+        report = bk.copy_kept_weights(student, parent, variant)
+    return student, report
+
+
+class FeatureTap:
+    """Forward hooks that keep the latest output of each named module (tuples: their first element)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._keep(name)) for name, m in modules.items()]
+
+    def _keep(self, name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self.features[name] = getattr(out, "sample", out)
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, resume: bool = False,
+                    on_metrics: MetricsFn | None = None):
+    """Train the ``p.variant`` compact UNet of ``pipe`` (the guided model); returns (pipeline, summary)."""
+    config = pipe.scheduler.config
+    if config.prediction_type != "v_prediction" or pipe.unet.config.time_cond_proj_dim is None:
+        raise ValueError("prune: the parent must be the guided (w-conditioned v-prediction) model")
+    schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
+    device = pick_device(base)
+    parent = pipe.unet.to(device).eval().requires_grad_(False)
+    student, copy_report = compact_unet(parent, p.variant)
+    log.info("prune: %s keeps %d tensors from the parent, %d start fresh", p.variant, len(copy_report["copied"]),
+             len(copy_report["fresh"]))
+    pairs = bk.feature_pairs(student, parent, p.variant)
+    parent_tap = FeatureTap({theirs: module for _, _, theirs, module in pairs})
+    student_tap = FeatureTap({mine: module for mine, module, _, _ in pairs})
+    every_t = torch.arange(config.num_train_timesteps)
+    n_task = round(p.task_share * p.train.batch_size)
+
+    def batch_fn(step, micro, gen):
+        x, cond, t, w, noise = latents.draw_with_w(p.train.batch_size, gen, every_t, p.w_min, p.w_max)
+        w[:n_task] = 0.0  # the task-loss share: the conditional model, whose target the data gives
+        return x, cond, t, w, noise
+
+    def loss_fn(model, batch, gen):
+        dev = next(model.parameters()).device
+        x, cond, t, w, noise = (b.to(dev) for b in batch)
+        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
+        z = alpha * x + sigma * noise
+        with torch.no_grad():
+            goal = diffusion.unet_denoiser(parent, schedule, "v_prediction")(z, t, cond, w)
+        pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w).float()
+        out_kd = F.mse_loss(pred, goal.float())
+        feat_kd = sum(F.mse_loss(student_tap.features[mine].float(), parent_tap.features[theirs].float())
+                      for mine, _, theirs, _ in pairs)
+        task = (F.mse_loss(pred[:n_task], diffusion.target(x, noise, alpha, sigma, "v_prediction")[:n_task].float())
+                if n_task else pred.new_zeros(()))
+        loss = p.task_weight * task + p.out_kd_weight * out_kd + p.feat_kd_weight * feat_kd
+        return loss, {"task": task.item(), "out_kd": out_kd.item(), "feat_kd": feat_kd.item()}
+
+    try:
+        student = train(student.train(), loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,
+                        mixed_precision=base.mixed_precision, cpu=device == "cpu", name="prune",
+                        on_metrics=on_metrics).model
+    finally:
+        parent_tap.close()
+        student_tap.close()
+    summary = {"parent_parameters": sum(t.numel() for t in parent.parameters()),
+               "unet_parameters": sum(t.numel() for t in student.parameters()),
+               "copied_tensors": len(copy_report["copied"]), "fresh_tensors": len(copy_report["fresh"]),
+               "kd_stages": len(pairs)}
+    pipe.unet = student.cpu()
+    return pipe, summary
+
+
+def main(ctx) -> None:
+    p: PruneParams = ctx.params.prune
+    out = ctx.outputs["model"]
+    if p.variant == "none":
+        shutil.copytree(ctx.inputs["guided"], out, ignore=shutil.ignore_patterns("params.resolved.json"))
+        n = sum(t.numel() for t in load_pipeline(out).unet.parameters())
+        summary = {"parent_parameters": n, "unet_parameters": n}
+    else:
+        pipe = load_pipeline(ctx.inputs["guided"])
+        split = read_split(ctx.inputs["data"], "train")
+        latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
+        pipe, summary = distill_compact(pipe, latents, p, ctx.params.base, ctx.work, resume=ctx.resume,
+                                        on_metrics=ctx.log_metrics)
+        pipe.save_pretrained(out, safe_serialization=True)
+    summary["parameter_ratio"] = summary["unet_parameters"] / summary["parent_parameters"]
+    (out / MODEL_CARD).write_text(json.dumps({"variant": p.variant, **summary}, indent=2))
+    ctx.summary.update(summary)
