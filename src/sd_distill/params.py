@@ -170,24 +170,26 @@ class VpredParams(Section):
         return self
 
 
-class GuidanceParams(Section):
+class GuidanceRange(Section):
+    """The guidance weights a w-conditioned stage trains for, drawn uniformly from [w_min, w_max]."""
+
     w_min: float = Field(0.0, ge=0, description="smallest guidance weight w = guidance_scale - 1")
     w_max: float = Field(8.0, ge=0, description="largest w; the default range holds w = 6.5 (scale 7.5)")
-    embedding_dim: int = Field(64, ge=2, description="time_cond_proj_dim: Fourier features of w")
-    train: TrainParams = TrainParams(steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=20,
-                                     ema_decay=0.99, checkpoint_every=100)
 
     @model_validator(mode="after")
-    def _check(self) -> "GuidanceParams":
+    def _check_w(self) -> "GuidanceRange":
         if self.w_max < self.w_min:
             raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
         return self
 
 
-BK_VARIANTS = ("none", "base", "small", "tiny")
+class GuidanceParams(GuidanceRange):
+    embedding_dim: int = Field(64, ge=2, description="time_cond_proj_dim: Fourier features of w")
+    train: TrainParams = TrainParams(steps=400, batch_size=64, learning_rate=1e-3, warmup_steps=20,
+                                     ema_decay=0.99, checkpoint_every=100)
 
 
-class PruneParams(Section):
+class PruneParams(GuidanceRange):
     """BK-SDM block removal + distillation (Kim et al. 2023); the loss weights are BK-SDM's defaults."""
 
     variant: Literal["none", "base", "small", "tiny"] = Field(
@@ -198,27 +200,17 @@ class PruneParams(Section):
     feat_kd_weight: float = Field(1.0, ge=0, description="feature KD: MSE at the end of every kept stage")
     task_share: float = Field(0.25, ge=0, le=1, description="share of each batch drawn at w = 0, where the "
                                                             "data's v is the right task target")
-    w_min: float = Field(0.0, ge=0)
-    w_max: float = Field(8.0, ge=0)
     train: TrainParams = TrainParams(steps=600, batch_size=64, learning_rate=1e-3, warmup_steps=20,
                                      ema_decay=0.99, checkpoint_every=200)
-
-    @model_validator(mode="after")
-    def _check(self) -> "PruneParams":
-        if self.w_max < self.w_min:
-            raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
-        return self
 
 
 HALVING_STEPS = (32, 16, 8, 4, 2, 1)
 
 
-class HalveParams(Section):
-    steps_from: int = Field(64, description="sampling steps of the first teacher (the guided model)")
+class HalveParams(GuidanceRange):
+    steps_from: int = Field(64, description="sampling steps of the first teacher (the pruned or guided model)")
     mode: Literal["progressive", "direct"] = Field(
         "progressive", description="progressive: N -> N/2 each round; direct: steps_from -> each N in one stage")
-    w_min: float = Field(0.0, ge=0)
-    w_max: float = Field(8.0, ge=0)
     train: TrainParams = TrainParams(steps=200, batch_size=64, learning_rate=1e-4, warmup_steps=10,
                                      ema_decay=0.99, checkpoint_every=100)
     round_steps: dict[int, int] = Field(
@@ -233,8 +225,6 @@ class HalveParams(Section):
         unknown = sorted(set(self.round_steps) - set(HALVING_STEPS))
         if unknown:
             raise ValueError(f"round_steps has keys {unknown}; allowed: {list(HALVING_STEPS)}")
-        if self.w_max < self.w_min:
-            raise ValueError(f"w_max ({self.w_max}) must be >= w_min ({self.w_min})")
         return self
 
     def train_for(self, steps: int) -> TrainParams:
@@ -326,7 +316,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prepare": {"source": "folder", "path": "data/raw", "resolution": 512, "min_size": 512,
                     "max_reject_rate": 0.2, "shard_size": 2000},
         "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
-        "decoder": {"arch": {"channels": 64}},  # TAESD's width: a 1.2M-parameter decoder
+        "decoder": {"arch": {"channels": 64}, "train": {"batch_size": 8}, "eval_images": 64},  # TAESD's width
         "evaluate": {"samples_per_prompt": 1, "batch_size": 8},
     },
 }
