@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,12 +134,20 @@ def cmd_run(args) -> int:
 
 def cmd_repro(args) -> int:
     from sd_distill import tracking
+    from sd_distill.errors import UserError
     from sd_distill.params import resolve
 
     params = resolve(Path("params.yaml"))
+    # dvc and the stages' `sd-distill run` come from this interpreter's environment, activated or not
+    env = os.environ.copy()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    dvc = shutil.which("dvc", path=env["PATH"])
+    if dvc is None:
+        raise UserError("`dvc` is not installed next to this Python nor on PATH; "
+                        "run `make setup` (or `pip install -e .`) first")
     with tracking.pipeline_run(Path("."), params.profile) as run_id:
         logging.getLogger("sd_distill").info("MLflow parent run %s", run_id)
-        rc = subprocess.call(["dvc", "repro", *args.dvc_args], env=os.environ.copy())
+        rc = subprocess.call([dvc, "repro", *args.dvc_args], env=env)
         if rc:
             raise SystemExit(rc)
     return 0
