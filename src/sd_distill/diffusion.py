@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,26 @@ class Schedule:
                                                                                      dtype=torch.float64))
         alpha, sigma = a2.sqrt(), (1 - a2).clamp(min=0).sqrt()
         return alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+
+
+class WBatch(NamedTuple):
+    """A batch of the w-conditioned stages on one device, with its noised latents z_t = alpha x + sigma eps."""
+
+    x: torch.Tensor
+    cond: torch.Tensor
+    t: torch.Tensor
+    w: torch.Tensor
+    noise: torch.Tensor
+    z: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+
+
+def noised_w_batch(batch, schedule: Schedule, device) -> WBatch:
+    """``LatentData.draw_with_w``'s (x, cond, t, w, noise) moved to ``device``, plus z_t, alpha_t and sigma_t."""
+    x, cond, t, w, noise = (b.to(device) for b in batch)
+    alpha, sigma = (a.to(device) for a in schedule.alpha_sigma(t))
+    return WBatch(x, cond, t, w, noise, alpha * x + sigma * noise, alpha, sigma)
 
 
 def to_x_eps(pred: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,

@@ -54,9 +54,7 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
-        x, cond, t, w, noise = (b.to(dev) for b in batch)
-        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
-        z = alpha * x + sigma * noise
+        x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         with torch.no_grad():
             goal = guided(z, t, (cond, uncond.to(dev).expand_as(cond)), w)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)

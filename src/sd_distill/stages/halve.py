@@ -78,9 +78,7 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
-        x, cond, t, w, noise = (b.to(dev) for b in batch)
-        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
-        z = alpha * x + sigma * noise
+        x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         goal = teacher_target(teacher, z, t, cond, w, teacher_path(t, student_steps, teacher_steps, T), schedule)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
         # MSE on v = (1 + SNR)-weighted MSE on x (Salimans & Ho 2022, sec. 4, "SNR+1" weighting)

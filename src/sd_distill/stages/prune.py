@@ -93,9 +93,7 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
-        x, cond, t, w, noise = (b.to(dev) for b in batch)
-        alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
-        z = alpha * x + sigma * noise
+        x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         with torch.no_grad():
             goal = diffusion.unet_denoiser(parent, schedule, "v_prediction")(z, t, cond, w)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w).float()
