@@ -147,6 +147,7 @@ def cmd_repro(args) -> int:
                         "run `make setup` (or `pip install -e .`) first")
     with tracking.pipeline_run(Path("."), params.profile) as run_id:
         logging.getLogger("sd_distill").info("MLflow parent run %s", run_id)
+        env[tracking.PARENT_ENV] = run_id  # the stages log child runs under it
         rc = subprocess.call([dvc, "repro", *args.dvc_args], env=env)
         if rc:
             raise SystemExit(rc)
