@@ -12,7 +12,7 @@ def cli(*args, cwd=None):
 def test_help_lists_every_command():
     out = cli("--help")
     assert out.returncode == 0
-    for command in ("stages", "params", "run", "repro", "dvc", "sample"):
+    for command in ("stages", "params", "run", "repro", "dvc", "sample", "inspect", "report"):
         assert command in out.stdout
 
 
@@ -54,3 +54,29 @@ def test_sample_writes_the_requested_png(smoke_project, tmp_path):
 def test_sample_on_a_folder_without_a_model_says_so(tmp_path):
     out = cli("sample", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "x.png"))
     assert out.returncode == 2 and "no model_index.json" in out.stderr
+
+
+def test_report_prints_every_model_with_its_figures(tmp_path):
+    import json
+
+    (tmp_path / "reports").mkdir()
+    row = {"unet_calls_per_image": 128, "fid": 0.984, "fid_ratio": 1.0, "accuracy": 0.998, "latency_ms": 120.0,
+           "unet_parameters": 4_434_660, "unet_macs_per_image": 6.28e9, "decoder": "AutoencoderKL"}
+    student = {**row, "unet_calls_per_image": 1, "fid": 1.1, "fid_ratio": 1.1179, "latency_ms": 3.0,
+               "decoder": "AutoencoderTiny"}
+    metrics = {"profile": "tiny", "teacher": row, "models": {"teacher@64": row, "student@1": student}}
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics))
+    out = cli("report", "--sort", "latency", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "@" in line]
+    assert "student@1" in lines[0] and "teacher@64" in lines[1]  # fastest first
+    assert "1.12x" in lines[0] and "40.0x" in lines[0] and "tiny" in lines[0]  # FID ratio, speedup, decoder
+    assert "0.984" in lines[1] and "4.43M" in lines[1] and "6.28G" in lines[1]
+
+
+def test_report_without_metrics_names_the_file(tmp_path):
+    out = cli("report", cwd=tmp_path)
+    assert out.returncode == 2 and "reports/metrics.json" in out.stderr and "run the pipeline" in out.stderr
+    (tmp_path / "bad.json").write_text('{"models": {}}')
+    out = cli("report", "--metrics", "bad.json", cwd=tmp_path)
+    assert out.returncode == 2 and "bad.json" in out.stderr and "non-empty 'models'" in out.stderr

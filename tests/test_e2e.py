@@ -60,6 +60,14 @@ def test_repro_makes_every_output(repo):
     assert (root / "reports" / "quality_vs_steps.csv").read_text().startswith("steps,student_fid")
     shown = sh([str(BIN / "dvc"), "metrics", "show", "--json"], root, repo["env"])
     assert "teacher" in shown.stdout
+    for name in ("report.md", "grid.png", "pareto.png", "pareto.csv"):
+        assert (root / "reports" / name).stat().st_size > 0
+    sh([str(BIN / "dvc"), "plots", "show", "-o", str(repo["base"] / "plots")], root, repo["env"])
+    html = (repo["base"] / "plots" / "index.html").read_text()
+    for path in ("reports/quality_vs_steps.csv", "reports/pareto.csv", "reports/grid.png", "reports/pareto.png"):
+        assert path in html
+    registration = json.loads((root / "reports" / "registration.json").read_text())
+    assert registration["version"] == 1 and registration["created"] and "candidate" in registration["aliases"]
 
 
 def test_mlflow_has_one_parent_with_a_finished_child_per_stage(repo):
@@ -91,8 +99,8 @@ def test_a_param_change_reruns_only_downstream_stages(repo):
     params["evaluate"] = {"samples_per_prompt": 1}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     out = sh([str(BIN / "dvc"), "repro"], root, env)
-    assert "Running stage 'evaluate'" in out.stdout
-    assert out.stdout.count("Running stage") == 1
+    assert "Running stage 'evaluate'" in out.stdout and "Running stage 'register'" in out.stdout
+    assert out.stdout.count("Running stage") == 2  # evaluate, and register which reads its metrics
     assert json.loads((root / "reports" / "metrics.json").read_text())["teacher"]["samples"] == 10
 
 

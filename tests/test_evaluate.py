@@ -1,3 +1,4 @@
+import csv
 import json
 import shutil
 
@@ -52,8 +53,44 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     assert np.mean(list(teacher["accuracy_per_digit"].values())) == pytest.approx(teacher["accuracy"])
     assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0
     assert 0.5 < metrics["classifier"]["test_accuracy"] <= 1
-    picture = Image.open(evaluated / "reports" / "teacher_samples.png")
-    assert picture.size == ((2 * 17 - 1) * 4, (10 * 17 - 1) * 4)
+    assert metrics["grid_rows"] == ["teacher@4", "steps-8@8", "steps-4@4", "steps-2@2", "steps-1@1", "student@1"]
+
+
+def test_latency_is_measured_per_model_at_batch_one(evaluated):
+    models = json.loads((evaluated / "reports" / "metrics.json").read_text())["models"]
+    for m in models.values():
+        assert m["latency_ms"] > 0 and m["latency_repeats"] == 2
+        assert m["peak_memory_mb"] is None  # CUDA only; this run is on CPU
+    # 8 UNet calls (4 steps with CFG) cost more than 1 call, whatever the machine's noise
+    assert models["teacher@4"]["latency_ms"] > models["steps-1@1"]["latency_ms"]
+
+
+def test_grid_has_one_labelled_row_per_model_and_the_same_prompts_in_every_row(evaluated):
+    picture = Image.open(evaluated / "reports" / "grid.png")
+    tile_rows, tile_cols = 6, 10  # teacher + students at 8, 4, 2, 1 + the assembled student; digits 0-9
+    body_w, body_h = (tile_cols * 17 - 1) * 4, (tile_rows * 17 - 1) * 4
+    assert picture.height == body_h and picture.width > body_w
+    pixels = np.asarray(picture)
+    margin = picture.width - body_w
+    assert (pixels[:, : margin - 4] < 128).any()  # the row labels are drawn in the margin
+
+
+def test_pareto_front_and_report_cover_every_model(evaluated):
+    metrics = json.loads((evaluated / "reports" / "metrics.json").read_text())
+    with open(evaluated / "reports" / "pareto.csv") as f:
+        points = list(csv.DictReader(f))
+    assert {p["model"] for p in points} == set(metrics["models"])
+    for p in points:  # a point is on the front exactly when no other point is at least as good on both axes
+        lat, fid_ = float(p["latency_ms"]), float(p["fid"])
+        dominated = any(float(o["latency_ms"]) <= lat and float(o["fid"]) <= fid_
+                        and (float(o["latency_ms"]) < lat or float(o["fid"]) < fid_) for o in points)
+        assert p["front"] == str(int(not dominated))
+    assert min(points, key=lambda p: float(p["latency_ms"]))["front"] == "1"
+    assert Image.open(evaluated / "reports" / "pareto.png").size[0] > 400
+    text = (evaluated / "reports" / "report.md").read_text()
+    assert "![grid](grid.png)" in text and "![pareto](pareto.png)" in text
+    for name, m in metrics["models"].items():
+        assert f"| {name} | {m['unet_calls_per_image']} | {m['fid']:.3f} |" in text
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(smoke_project):

@@ -20,6 +20,7 @@ EPILOG = """examples:
   sd-distill sample models/teacher --prompt "a handwritten digit seven" --steps 64 --guidance 7.5 --out seven.png
   sd-distill sample models/steps-1 --prompt "a handwritten digit seven" --out seven-1step.png --scale 8
   sd-distill inspect --arch sd15 --bk small --decoder tiny   parameters and MACs per call, nothing downloaded
+  sd-distill report                         the evaluation's comparison table in the terminal
 """
 
 
@@ -90,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: the AutoencoderKL decoder; tiny: a TAESD-shaped AutoencoderTiny (64 channels) in "
                         "its place (default: the model's own decoder)")
     p.add_argument("--json", action="store_true", help="JSON on stdout, nothing else")
+
+    p = sub.add_parser(
+        "report", help="print the comparison table of every evaluated model (from reports/metrics.json)",
+        description="Every model the evaluate stage scored, side by side: UNet calls per image, FID and its ratio "
+                    "to the teacher, accuracy (tiny) or CLIP score (sd15), latency per image and speedup against "
+                    "the teacher, peak memory (CUDA), UNet parameters and MACs, decoder. reports/report.md holds "
+                    "the same table with the sample grid and the Pareto plot.")
+    p.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"),
+                   help="metrics file written by the evaluate stage (default: reports/metrics.json)")
+    p.add_argument("--sort", choices=("none", "fid", "latency"), default="none",
+                   help="row order: evaluation order (default), best FID first, or fastest first")
     return parser
 
 
@@ -186,6 +198,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from sd_distill import report
+
+    metrics = report.load(args.metrics)
+    key = {"fid": "fid", "latency": "latency_ms"}.get(args.sort)
+    if key:
+        ordered = sorted(metrics["models"].items(), key=lambda kv: (kv[1].get(key) is None, kv[1].get(key)))
+        metrics = {**metrics, "models": dict(ordered)}
+    report.print_table(metrics)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from sd_distill.models import costs
 
@@ -198,7 +222,7 @@ def cmd_inspect(args) -> int:
 
 
 COMMANDS = {"stages": cmd_stages, "params": cmd_params, "run": cmd_run, "repro": cmd_repro, "dvc": cmd_dvc,
-            "sample": cmd_sample, "inspect": cmd_inspect}
+            "sample": cmd_sample, "inspect": cmd_inspect, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,9 @@ def _entry(s: registry.Stage, name: str, inputs: list[str], outputs: list[str]) 
     entry: dict = {"cmd": f"sd-distill run {name}"}
     entry["deps"] = list(dict.fromkeys([*inputs, *registry.CODE_COMMON, *s.code]))
     entry["params"] = ["profile", "base", s.params_section]
-    if outputs:
-        entry["outs"] = outputs
+    outs = [*outputs, *({path: {"cache": False}} for path in s.reports.values())]
+    if outs:
+        entry["outs"] = outs
     if s.metrics:
         entry["metrics"] = [{path: {"cache": False}} for path in s.metrics.values()]
     if s.plots:

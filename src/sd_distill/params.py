@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,6 +285,31 @@ class EvaluateParams(Section):
     grid_columns: int = Field(10, ge=1)
     baseline_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="teacher with each solver at these step counts")
     baseline_solvers: tuple[Literal["dpmpp", "ddim"], ...] = ("dpmpp", "ddim")
+    grid_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="rows of reports/grid.png under the teacher: the "
+                                                                 "steps-N students at these N, then models/student")
+    latency_warmup: int = Field(1, ge=0, description="untimed runs before the latency repeats")
+    latency_repeats: int = Field(5, ge=1, description="timed runs of one image (batch 1); the median is reported")
+
+
+class GateBound(Section):
+    """One condition of the registry's quality gate on a row of ``reports/metrics.json``."""
+
+    metric: str = Field(description="a key of the student's row, e.g. fid_ratio, accuracy_ratio, clip_score_ratio")
+    op: Literal["<=", ">="]
+    value: float
+
+
+class RegisterParams(Section):
+    """MLflow Model Registry: a new version of ``model_name`` per new input; ``champion`` behind the gate."""
+
+    model_name: str = Field("sd-distill-student", min_length=1, description="registered model name")
+    gate: tuple[GateBound, ...] = Field(
+        (GateBound(metric="fid_ratio", op="<=", value=1.3), GateBound(metric="accuracy_ratio", op=">=", value=0.96)),
+        description="every bound must hold on the student's row for `champion` to move to the new version")
+    primary_metric: str = Field("fid", description="the new version must beat the current champion on this")
+    primary_mode: Literal["min", "max"] = Field("min", description="min: lower is better (FID); max: higher")
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -297,6 +323,7 @@ SECTIONS: dict[str, type[Section]] = {
     "decoder": DecoderParams,
     "assemble": AssembleParams,
     "evaluate": EvaluateParams,
+    "register": RegisterParams,
 }
 
 # Profile presets: only what differs from the schema defaults (which are the tiny profile).
@@ -319,7 +346,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "halve": {"train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
                   "round_steps": {n: 2 for n in HALVING_STEPS}},
-        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1]},
+        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1],
+                     "latency_repeats": 2},
     },
     "sd15": {
         "base": {"device": "cuda", "mixed_precision": "bf16", "log_model_artifacts": False},
@@ -421,6 +449,10 @@ def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, 
     return Params(profile=profile, **sections)
 
 
+# ``register`` (stage name = section name) shadows ABCMeta.register on the class only; instances read the field.
+warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     profile: Literal["tiny", "smoke", "sd15"]
@@ -434,6 +466,7 @@ class Params(BaseModel):
     decoder: DecoderParams
     assemble: AssembleParams
     evaluate: EvaluateParams
+    register: RegisterParams
 
     def for_stage(self, section: str) -> dict[str, Any]:
         """What a stage sees and records: ``profile``, ``base`` and its own section."""

@@ -4,7 +4,7 @@ Imports no torch, so DAG files and ``sd-distill stages`` stay fast. Paths live h
 a stage's entry receives them from its record (``ctx.inputs[...]`` / ``ctx.outputs[...]``).
 The DAG of the whole product (later stages join this table as their issues land)::
 
-    prepare -> teacher -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate
+    prepare -> teacher -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
                       \\-> decoder -------------------------------------------------/
 """
 
@@ -38,6 +38,7 @@ class Stage:
     metrics: dict[str, str] = field(default_factory=dict)  # role -> path (DVC metrics, cache: false)
     plots: dict[str, str] = field(default_factory=dict)  # role -> path (DVC plots, cache: false)
     plot_specs: dict[str, dict] = field(default_factory=dict)  # path -> DVC top-level plot definition
+    reports: dict[str, str] = field(default_factory=dict)  # role -> path of a document (DVC outs, cache: false)
     code: tuple[str, ...] = ()  # source files whose change reruns the stage
     resources: Resources = Resources()
 
@@ -52,7 +53,7 @@ class Stage:
 
     @property
     def produced(self) -> dict[str, str]:
-        return {**self.outputs, **self.metrics, **self.plots}
+        return {**self.outputs, **self.metrics, **self.plots, **self.reports}
 
 
 MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # every stage that trains or samples a model
@@ -148,18 +149,36 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="evaluate",
         entry="sd_distill.stages.evaluate:main",
-        doc="sample the models, score prompt adherence and FID, write reports/metrics.json",
+        doc="score every model and the teacher's solver baselines (quality, cost, latency); metrics, plots, "
+            "grid, Pareto plot and report.md",
         inputs={"data": "data/prepared", "teacher": "models/teacher", "guided": "models/guided",
                 "pruned": "models/pruned", **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS},
                 "student": "models/student"},
         metrics={"metrics": "reports/metrics.json"},
-        plots={"quality": "reports/quality_vs_steps.csv", "samples": "reports/teacher_samples.png"},
-        plot_specs={"reports/quality_vs_steps.csv": {
-            "x": "steps", "y": ["student_fid", "dpmpp_fid", "ddim_fid"],
-            "title": "FID (classifier features) against sampling steps: students vs the teacher's solvers",
-            "x_label": "sampling steps", "y_label": "FID"}},
-        code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/models/classifier.py"),
+        plots={"quality": "reports/quality_vs_steps.csv", "pareto": "reports/pareto.csv",
+               "grid": "reports/grid.png", "pareto_plot": "reports/pareto.png"},
+        plot_specs={
+            "reports/quality_vs_steps.csv": {
+                "x": "steps", "y": ["student_fid", "dpmpp_fid", "ddim_fid"],
+                "title": "FID against sampling steps: students vs the teacher's solvers",
+                "x_label": "sampling steps", "y_label": "FID"},
+            "reports/pareto.csv": {
+                "x": "latency_ms", "y": "fid", "template": "scatter",
+                "title": "FID against latency per image (one point per model)",
+                "x_label": "ms per image (batch 1, median)", "y_label": "FID"}},
+        reports={"report": "reports/report.md"},
+        code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/models/classifier.py", "src/sd_distill/report.py"),
         resources=MODEL_STAGE,
+    ),
+    Stage(
+        name="register",
+        entry="sd_distill.stages.register:main",
+        doc="log models/student to MLflow as an image-generating pyfunc, register a version, move "
+            "`champion` to it only past the quality gate",
+        inputs={"data": "data/prepared", "student": "models/student", "metrics": "reports/metrics.json"},
+        metrics={"registration": "reports/registration.json"},
+        code=("src/sd_distill/stages/register.py", "src/sd_distill/serving.py", "src/sd_distill/models/parts.py"),
+        resources=MODEL_STAGE,  # logging the pyfunc samples its input example once (sd15: on the GPU)
     ),
 )
 

@@ -83,7 +83,7 @@ def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = 
                 (path / "params.resolved.json").write_text(json.dumps(section, indent=2))
         ctx.summary["stage_seconds"] = round(time.time() - started, 2)
         mlflow.log_metrics({k: float(v) for k, v in ctx.summary.items()})
-        for path in (*stage.metrics.values(), *stage.plots.values()):
+        for path in (*stage.metrics.values(), *stage.plots.values(), *stage.reports.values()):
             mlflow.log_artifact(str(root / path), "reports")
         if params.base.log_model_artifacts:
             for role, path in stage.outputs.items():

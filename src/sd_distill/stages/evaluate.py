@@ -6,8 +6,12 @@ stock pipeline: the teacher at ``steps`` (CFG, DDIM), the teacher with DPM-Solve
 assembled student with its tiny decoder and with the teacher's VAE. Each gets the digit classifier's accuracy
 (prompt adherence), FID in the classifier's feature space against the real test split (torchmetrics FID with a
 custom feature extractor), UNet calls per image, UNet and decoder parameters and MACs (``models.costs``, attention
-matmuls included) and seconds per image. Writes ``reports/metrics.json``,
-``reports/quality_vs_steps.csv`` (a DVC plot) and ``reports/teacher_samples.png`` (rows: digits 0-9).
+matmuls included), throughput at the evaluation batch, and latency: the median time of one image at batch 1
+over ``latency_repeats`` runs after ``latency_warmup`` (CUDA: synchronized, with peak memory).
+
+Writes ``reports/metrics.json`` (DVC metrics), ``reports/quality_vs_steps.csv`` and ``reports/pareto.csv`` (DVC
+plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_steps``, the assembled student; columns:
+the same prompts and seeds), ``reports/pareto.png`` (FID against latency) and ``reports/report.md``.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from sd_distill import report
 from sd_distill.data.shards import read_split
 from sd_distill.data.sources import DIGIT_WORDS
 from sd_distill.models.classifier import DigitClassifier, FeatureExtractor, predict, to_tensor
 from sd_distill.models.costs import describe
-from sd_distill.models.parts import load_pipeline
+from sd_distill.models.parts import load_pipeline, pick_device
 from sd_distill.params import EvaluateParams
 from sd_distill.stages.halve import MODEL_CARD
 
@@ -134,6 +139,61 @@ def score(pipe, classifier: DigitClassifier, real_test: np.ndarray, p: EvaluateP
     return metrics, images
 
 
+@torch.no_grad()
+def latency(pipe, prompt: str, steps: int, guidance: float, p: EvaluateParams) -> dict:
+    """Median seconds of one image (batch 1, decode included) after a warm-up; CUDA: synchronized, peak memory."""
+    cuda = pipe.device.type == "cuda"
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator().manual_seed(0), output_type="np")
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(p.latency_warmup):
+        once()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = [once() for _ in range(p.latency_repeats)]
+    return {"latency_ms": float(np.median(times)) * 1e3, "latency_repeats": len(times),
+            "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def grid_rows(p: EvaluateParams, names: list[str], student_steps: int | None) -> list[str]:
+    """Candidates shown in ``grid.png``, top to bottom: the teacher, the students at ``grid_steps``, the product."""
+    wanted = [f"teacher@{p.steps}", *(f"steps-{n}@{n}" for n in p.grid_steps)]
+    if student_steps:
+        wanted.append(f"student@{student_steps}")
+    return [n for n in wanted if n in names]
+
+
+def columns_of(images: np.ndarray, p: EvaluateParams) -> np.ndarray:
+    """The grid's columns from one model's samples: digit ``c % 10``, sample ``c // 10`` (same seeds everywhere)."""
+    cols = min(p.grid_columns, 10 * p.samples_per_prompt)
+    return np.stack([images[(c % 10) * p.samples_per_prompt + c // 10] for c in range(cols)])
+
+
+def labelled_grid(rows: dict[str, np.ndarray], scale: int = 4) -> Image.Image:
+    """One row of tiles per model with its name on the left."""
+    from PIL import ImageDraw
+
+    names = list(rows)
+    cols = len(next(iter(rows.values())))
+    body = grid(np.concatenate([rows[n] for n in names]), rows=len(names), cols=cols, scale=scale)
+    row_h = body.height / len(names)
+    margin = 8 + 7 * max(len(n) for n in names)
+    canvas = Image.new("RGB", (body.width + margin, body.height), (255, 255, 255))
+    canvas.paste(body, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(names):
+        draw.text((4, int(i * row_h + row_h / 2 - 6)), name, fill=(0, 0, 0))
+    return canvas
+
+
 def quality_table(models: dict[str, dict], p: EvaluateParams) -> list[dict]:
     """Rows for ``quality_vs_steps.csv``: per step count, the students' and each solver's FID and accuracy."""
     rows = []
@@ -149,6 +209,13 @@ def quality_table(models: dict[str, dict], p: EvaluateParams) -> list[dict]:
     return rows
 
 
+def write_csv(path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(ctx) -> None:
     p: EvaluateParams = ctx.params.evaluate
     if ctx.params.profile == "sd15":
@@ -156,17 +223,20 @@ def main(ctx) -> None:
                                   "is not built yet (issue #5); the tiny and smoke profiles are supported")
     data = ctx.inputs["data"]
     seed = ctx.params.base.seed
+    device = pick_device(ctx.params.base)
     classifier = DigitClassifier.load(data / "classifier")
     test, val = read_split(data, "test"), read_split(data, "val")
     models: dict[str, dict] = {}
-    teacher_images = None
+    shown: dict[str, np.ndarray] = {}
     student_steps = None
     if "student" in ctx.inputs:
         student_steps = json.loads((ctx.inputs["student"] / MODEL_CARD).read_text())["num_inference_steps"]
-    for cand in tqdm(candidates(p, list(ctx.inputs), student_steps), desc="evaluate", unit="model", disable=None):
-        pipe = with_solver(load_pipeline(ctx.inputs[cand.model]), cand.solver)
+    todo = candidates(p, list(ctx.inputs), student_steps)
+    in_grid = grid_rows(p, [c.name for c in todo], student_steps)
+    for cand in tqdm(todo, desc="evaluate", unit="model", disable=None):
+        pipe = with_solver(load_pipeline(ctx.inputs[cand.model], device), cand.solver)
         if cand.vae:
-            pipe.vae = load_pipeline(ctx.inputs[cand.vae]).vae
+            pipe.vae = load_pipeline(ctx.inputs[cand.vae], device).vae
         calls = cand.unet_calls(pipe.unet.config.time_cond_proj_dim is not None, p.guidance)
         models[cand.name], images = score(pipe, classifier, test.images, p, seed, cand.steps, calls)
         cost = describe(pipe.unet, pipe.vae, seq_len=pipe.tokenizer.model_max_length)
@@ -175,31 +245,35 @@ def main(ctx) -> None:
             "unet_parameters": cost["parameters"]["unet"], "decoder_parameters": cost["parameters"]["vae_decoder"],
             "unet_macs_per_call": cost["unet_call"]["macs_total"], "decoder_macs": cost["decoder_call"]["macs_total"],
             "unet_macs_per_image": cost["unet_call"]["macs_total"] * calls})
-        if teacher_images is None:
-            teacher_images = images
-        log.info("evaluate: %-18s accuracy %.3f  FID %.3f  (%d UNet calls per image)", cand.name,
-                 models[cand.name]["accuracy"], models[cand.name]["fid"], calls)
+        models[cand.name].update(latency(pipe, p.prompt_template.format(word=DIGIT_WORDS[7]), cand.steps,
+                                         p.guidance, p))
+        if cand.name in in_grid:
+            shown[cand.name] = columns_of(images, p)
+        log.info("evaluate: %-18s accuracy %.3f  FID %.3f  %7.1f ms/image  (%d UNet calls per image)", cand.name,
+                 models[cand.name]["accuracy"], models[cand.name]["fid"], models[cand.name]["latency_ms"], calls)
     reference = models[f"teacher@{p.steps}"]
     for m in models.values():
         m["fid_ratio"] = m["fid"] / reference["fid"] if reference["fid"] > 0 else float("nan")
         m["accuracy_ratio"] = m["accuracy"] / reference["accuracy"] if reference["accuracy"] > 0 else float("nan")
-    report = {
+    summary = {
         "profile": ctx.params.profile,
+        "device": device,
+        "fid_features": "digit-classifier features (penultimate layer)",
+        "grid_rows": in_grid,
         "teacher": reference,
         "models": models,
         "classifier": {"test_accuracy": json.loads((data / "classifier" / "config.json").read_text())["test_accuracy"]},
         "reference": {"fid_val_vs_test": fid(FeatureExtractor(classifier), test.images, val.images),
                       "val_images": len(val), "test_images": len(test)},
     }
-    ctx.outputs["metrics"].write_text(json.dumps(report, indent=2) + "\n")
-    rows = quality_table(models, p)
-    with open(ctx.outputs["quality"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    cols = min(p.grid_columns, p.samples_per_prompt)
-    picks = np.concatenate([teacher_images[d * p.samples_per_prompt:][:cols] for d in range(10)])
-    grid(picks, rows=10, cols=cols).save(ctx.outputs["samples"])
+    ctx.outputs["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv(ctx.outputs["quality"], quality_table(models, p))
+    points = report.pareto(report.rows(summary))
+    write_csv(ctx.outputs["pareto"], points)
+    labelled_grid(shown).save(ctx.outputs["grid"])
+    report.plot_pareto(points, ctx.outputs["pareto_plot"],
+                       title=f"FID against latency per image ({ctx.params.profile} profile, {device})")
+    ctx.outputs["report"].write_text(report.markdown(summary, {"grid": "grid.png", "pareto": "pareto.png"}))
     ctx.summary.update({"teacher_accuracy": reference["accuracy"], "teacher_fid": reference["fid"],
-                        "reference_fid_val_vs_test": report["reference"]["fid_val_vs_test"]})
+                        "reference_fid_val_vs_test": summary["reference"]["fid_val_vs_test"]})
     ctx.summary.update({f"{name.replace('@', '_at_')}_fid": m["fid"] for name, m in models.items()})

@@ -1,0 +1,225 @@
+"""Stage ``register``: ``models/student`` into the MLflow Model Registry, ``champion`` behind a quality gate.
+
+Each new input (data manifest, student files, the metrics the decision reads, the register params) becomes one
+new version of ``register.model_name``: the student logged as an image-generating pyfunc (``sd_distill.serving``)
+in the stage's run, tagged with its key, gate result, decision and reasons, and given the ``candidate`` alias.
+``champion`` moves to it only when every gate bound holds on the student's row of ``reports/metrics.json`` and it
+beats the current champion on ``primary_metric`` (no champion yet: the gate alone decides). The same inputs again
+change nothing: the version whose ``sd_distill.key`` tag matches is reported with ``created: false``.
+Writes ``reports/registration.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from sd_distill.data.shards import MANIFEST  # sha256 of every shard
+from sd_distill.errors import UserError
+from sd_distill.params import GateBound, RegisterParams
+from sd_distill.serving import MODEL_CARD, log_student, read_card
+
+log = logging.getLogger(__name__)
+
+TAG = "sd_distill."
+KEY_TAG = TAG + "key"
+RECORD_FILE = "params.resolved.json"  # written by the runner into every output folder: a record, not the model
+
+
+class MissingMetric(UserError, KeyError):
+    """A gate or primary metric that the student's row of ``reports/metrics.json`` does not have."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    value: float | None  # its primary metric, from its version tag; None when the tag is absent
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool  # every gate bound holds
+    promoted: bool  # passed and beats the champion (or there is none)
+    reasons: str
+    checks: list[dict] = field(default_factory=list)  # per bound: metric, op, value, found, ok
+    champion: Champion | None = None
+
+    @property
+    def label(self) -> str:
+        if self.promoted:
+            return "promoted"
+        return "gate failed" if not self.passed else f"kept champion v{self.champion.version}"
+
+
+def _value(row: Mapping, metric: str) -> float:
+    if metric not in row:
+        numeric = sorted(k for k, v in row.items() if isinstance(v, (int, float)))
+        raise MissingMetric(f"register: metric {metric!r} is not in the student's row of reports/metrics.json; "
+                            f"the row has {numeric}")
+    return float(row[metric])
+
+
+def _holds(found: float, op: str, bound: float) -> bool:
+    return found <= bound if op == "<=" else found >= bound  # NaN holds no bound
+
+
+def decide(row: Mapping, bounds: Iterable[GateBound], primary_metric: str, mode: str,
+           champion: Champion | None = None) -> Decision:
+    """The gate and the champion comparison on one metrics row; pure (no MLflow).
+
+    Passed: every bound holds (a NaN value holds none). Promoted: passed and strictly better than
+    ``champion.value`` on ``primary_metric`` (lower for ``mode="min"``, higher for ``"max"``); with no champion,
+    or one without a recorded value, the gate alone decides. Raises ``MissingMetric`` naming an absent key.
+    """
+    checks, reasons = [], []
+    for b in bounds:
+        found = _value(row, b.metric)
+        ok = _holds(found, b.op, b.value)
+        checks.append({"metric": b.metric, "op": b.op, "value": b.value, "found": found, "ok": ok})
+        reasons.append(f"{b.metric} {found:.4g} {b.op} {b.value:g} {'ok' if ok else 'FAILED'}")
+    passed = all(c["ok"] for c in checks)
+    value = _value(row, primary_metric)
+    if champion is None:
+        beats = True
+        reasons.append("no champion yet")
+    elif champion.value is None:
+        beats = True
+        reasons.append(f"champion v{champion.version} has no {primary_metric} tag; the gate alone decides")
+    else:
+        op = "<" if mode == "min" else ">"
+        beats = value < champion.value if mode == "min" else value > champion.value
+        reasons.append(f"{primary_metric} {value:.4g} {op if beats else 'not ' + op} champion v{champion.version} "
+                       f"{primary_metric} {champion.value:.4g}")
+    return Decision(passed=passed, promoted=passed and beats, reasons="; ".join(reasons), checks=checks,
+                    champion=champion)
+
+
+def student_row(metrics_path: Path, student_dir: Path) -> tuple[str, dict]:
+    """The evaluate stage's row for the assembled student: ``student@N``, N from its ``distill.json``."""
+    card = read_card(student_dir)
+    if "num_inference_steps" not in card:
+        raise UserError(f"{student_dir / MODEL_CARD}: no num_inference_steps; run `sd-distill run assemble` first")
+    name = f"student@{card['num_inference_steps']}"
+    models = json.loads(Path(metrics_path).read_text()).get("models", {})
+    if name not in models:
+        raise UserError(f"{metrics_path}: no row {name!r} under 'models' (found {sorted(models)}); "
+                        "run `sd-distill run evaluate` on this student first")
+    return name, models[name]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_hashes(folder: Path) -> list[tuple[str, str]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RECORD_FILE)
+    return [(path.relative_to(folder).as_posix(), _sha256(path)) for path in files]
+
+
+def registration_key(data_dir: Path, student_dir: Path, row: Mapping, p: RegisterParams) -> str:
+    """sha256 over what a registration depends on.
+
+    Data: its manifest (which holds every shard's sha256), else every file. Student: every file's relative path
+    and sha256, without the runner's ``params.resolved.json`` (a record of the resolved params, base.device
+    included: a new device would otherwise register the same weights again). Metrics: only the values the
+    decision reads, so re-timing the same model (``seconds_per_image``) is no new version. And the params.
+    """
+    manifest = Path(data_dir) / MANIFEST
+    data = [(MANIFEST, _sha256(manifest))] if manifest.is_file() else _file_hashes(Path(data_dir))
+    metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
+    body = {
+        "data": data,
+        "student": _file_hashes(Path(student_dir)),
+        "metrics": {m: row.get(m) for m in metrics},
+        "params": p.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _find(client: MlflowClient, name: str, key: str):
+    found = client.search_model_versions(f"name = '{name}' and tags.`{KEY_TAG}` = '{key}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _champion(client: MlflowClient, p: RegisterParams) -> Champion | None:
+    try:
+        mv = client.get_model_version_by_alias(p.model_name, p.champion_alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no model / no alias yet
+            return None
+        raise
+    raw = mv.tags.get(f"{TAG}metric.{p.primary_metric}")
+    return Champion(int(mv.version), float(raw) if raw is not None else None)
+
+
+def register(client: MlflowClient, student_dir: Path, row: Mapping, key: str,
+             p: RegisterParams) -> tuple[ModelVersion, Decision]:
+    """Log, register and tag a new version; move the aliases. The key tag is set last, so an interrupted
+    registration is redone on the next run instead of being taken for a finished one."""
+    decision = decide(row, p.gate, p.primary_metric, p.primary_mode, _champion(client, p))
+    info = log_student(student_dir, name="student")
+    mv = mlflow.register_model(info.model_uri, p.model_name)  # waits until READY (await_registration_for)
+    metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
+    tags = {f"{TAG}metric.{m}": repr(float(row[m])) for m in metrics}
+    tags.update({f"{TAG}gate": "pass" if decision.passed else "fail", f"{TAG}decision": decision.label,
+                 f"{TAG}reasons": decision.reasons})
+    for k, v in tags.items():
+        client.set_model_version_tag(p.model_name, mv.version, k, v)
+    client.set_registered_model_alias(p.model_name, p.candidate_alias, mv.version)
+    if decision.promoted:
+        client.set_registered_model_alias(p.model_name, p.champion_alias, mv.version)
+    client.set_model_version_tag(p.model_name, mv.version, KEY_TAG, key)
+    return mv, decision
+
+
+def _finite(x):
+    return x if not isinstance(x, float) or math.isfinite(x) else str(x)
+
+
+def main(ctx) -> None:
+    p: RegisterParams = ctx.params.register
+    student, data = ctx.inputs["student"], ctx.inputs["data"]
+    row_name, row = student_row(ctx.inputs["metrics"], student)
+    key = registration_key(data, student, row, p)
+    client = MlflowClient()
+    existing = _find(client, p.model_name, key)
+    if existing is None:
+        mv, decision = register(client, student, row, key, p)
+        version, label, reasons, checks = int(mv.version), decision.label, decision.reasons, decision.checks
+    else:
+        # same key: same row, bounds and params, so the per-bound checks are the same; the decision is the one
+        # taken then (against the champion of that time), read back from the version's tags
+        version = int(existing.version)
+        label, reasons = existing.tags.get(f"{TAG}decision", ""), existing.tags.get(f"{TAG}reasons", "")
+        checks = decide(row, p.gate, p.primary_metric, p.primary_mode).checks
+        log.info("register: these inputs are already %s version %d (key %s); nothing new", p.model_name, version,
+                 key[:12])
+    aliases = sorted(client.get_model_version(p.model_name, str(version)).aliases)
+    champion = _champion(client, p)
+    record = {
+        "model_name": p.model_name, "version": version, "created": existing is None, "key": key,
+        "metrics_row": row_name, "gate": [{k: _finite(v) for k, v in c.items()} for c in checks],
+        "passed": all(c["ok"] for c in checks), "decision": label, "reasons": reasons, "aliases": aliases,
+        "champion_version": champion.version if champion else None,
+        "model_uri": f"models:/{p.model_name}/{version}",
+    }
+    ctx.outputs["registration"].write_text(json.dumps(record, indent=2) + "\n")
+    ctx.summary.update({"version": version, "promoted": int(label == "promoted"), "created": int(existing is None)})
+    log.info("register: %s v%d %s (%s)", p.model_name, version, label, reasons)
