@@ -98,3 +98,12 @@ def test_guidance_refuses_an_epsilon_model(smoke_project, tmp_path):
     shutil.copytree(smoke_project / "models" / "teacher", tmp_path / "models" / "vpred")
     with pytest.raises(ValueError, match="must predict v"):
         run_stage("guidance", resolve(write_params(tmp_path)), tmp_path)
+
+
+def test_model_folders_do_not_record_the_checkout_path(smoke_project):
+    """Configs name their source relatively (``steps-2/unet``), so a folder is the same bytes in every checkout."""
+    leaked = [str(path.relative_to(smoke_project)) for path in (smoke_project / "models").rglob("*.json")
+              if path.name != "params.resolved.json" and str(smoke_project) in path.read_text()]
+    assert leaked == []
+    unet = json.loads((smoke_project / "models" / "steps-1" / "unet" / "config.json").read_text())
+    assert unet["_name_or_path"] == "steps-2/unet"

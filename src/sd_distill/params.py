@@ -225,7 +225,7 @@ class HalveParams(GuidanceRange):
     train: TrainParams = TrainParams(steps=200, batch_size=64, learning_rate=1e-4, warmup_steps=10,
                                      ema_decay=0.99, checkpoint_every=100)
     round_steps: dict[int, int] = Field(
-        default_factory=lambda: {32: 150, 16: 150, 8: 150, 4: 200, 2: 250, 1: 300},
+        default_factory=lambda: {32: 150, 16: 150, 8: 150, 4: 200, 2: 200, 1: 200},
         description="optimizer steps per round, by the student's step count (overrides train.steps)")
 
     @model_validator(mode="after")

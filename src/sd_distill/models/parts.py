@@ -138,4 +138,19 @@ def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = to
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    name_source(pipe, path.name)
     return pipe.to(device)
+
+
+def name_source(pipe_or_model, name: str) -> None:
+    """Record where a loaded model came from as ``name`` (``steps-2``, ``steps-2/unet``) instead of the absolute
+    path diffusers stores in ``_name_or_path``: saved folders are then the same bytes in every checkout, so DVC
+    and the registry's key see the same model as the same."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    modules = {"": pipe_or_model}
+    if hasattr(pipe_or_model, "components"):
+        modules.update(pipe_or_model.components)
+    for sub, module in modules.items():
+        if isinstance(module, ConfigMixin) and "_name_or_path" in module.config:
+            module.register_to_config(_name_or_path=f"{name}/{sub}" if sub else name)

@@ -14,7 +14,7 @@ import json
 from diffusers import AutoencoderTiny
 
 from sd_distill.errors import UserError
-from sd_distill.models.parts import assemble, load_pipeline
+from sd_distill.models.parts import assemble, load_pipeline, name_source
 from sd_distill.params import AssembleParams
 from sd_distill.stages.halve import MODEL_CARD
 
@@ -27,6 +27,7 @@ def build_student(steps_dir, teacher_dir, decoder_dir, p: AssembleParams):
             raise FileNotFoundError(f"{decoder_dir}: no AutoencoderTiny folder (config.json); run `sd-distill run "
                                     "decoder` first, or set assemble.decoder=full")
         vae = AutoencoderTiny.from_pretrained(decoder_dir, local_files_only=True)
+        name_source(vae, decoder_dir.name)
     else:
         vae = load_pipeline(teacher_dir).vae
     pipe = assemble(vae, steps.text_encoder, steps.tokenizer, steps.unet, steps.scheduler)
