@@ -11,7 +11,8 @@ from sd_distill.data.shards import read_split
 from sd_distill.models.classifier import DigitClassifier, FeatureExtractor
 from sd_distill.params import resolve
 from sd_distill.runner import run_stage
-from sd_distill.stages.evaluate import fid, grid
+from sd_distill.scoring import feature_fid as fid
+from sd_distill.stages.evaluate import grid
 from tests.conftest import write_params
 
 

@@ -289,6 +289,17 @@ class EvaluateParams(Section):
                                                                  "steps-N students at these N, then models/student")
     latency_warmup: int = Field(1, ge=0, description="untimed runs before the latency repeats")
     latency_repeats: int = Field(5, ge=1, description="timed runs of one image (batch 1); the median is reported")
+    # sd15: the seeds' protocol (512 px, guidance 7.5); tiny/smoke score digits and ignore these
+    prompt_sets: tuple[Literal["coco", "parti", "hpsv2"], ...] = Field(
+        (), description="sd15 prompt sets: coco (FID, IS, CLIP), parti and hpsv2 (CLIP, HPSv2)")
+    images_per_set: int = Field(1000, ge=1, description="sd15: images per prompt set (one per prompt)")
+    coco_captions: str | None = Field(None, description="MS-COCO annotations/captions_val2017.json")
+    coco_images: str | None = Field(None, description="MS-COCO val2017 image folder (the FID reference)")
+    parti_prompts: str | None = Field(None, description="PartiPrompts.tsv")
+    hpsv2_prompts: str | None = Field(None, description="HPSv2 benchmark prompts: folder of <style>.json lists")
+    inception: str | None = Field(None, description="TorchScript FID Inception, inception-2015-12-05.pt (local)")
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for CLIP score: hub id or folder")
+    hpsv2_weights: str | None = Field(None, description="HPS_v2_compressed.pt; null: no HPSv2 (needs `hpsv2`)")
 
 
 class GateBound(Section):
@@ -356,7 +367,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
         "prune": {"task_weight": 1.0, "task_share": 0.25},  # BK-SDM's loss weights
         "decoder": {"arch": {"channels": 64}, "train": {"batch_size": 8}, "eval_images": 64},  # TAESD's width
-        "evaluate": {"samples_per_prompt": 1, "batch_size": 8},
+        "evaluate": {"batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"], "images_per_set": 1000,
+                     "baseline_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,
+                     "coco_captions": "data/eval/coco/annotations/captions_val2017.json",
+                     "coco_images": "data/eval/coco/val2017", "parti_prompts": "data/eval/PartiPrompts.tsv",
+                     "hpsv2_prompts": "data/eval/hpsv2", "inception": "data/eval/inception-2015-12-05.pt"},
+        "register": {"gate": [{"metric": "fid_ratio", "op": "<=", "value": 1.3},
+                              {"metric": "clip_score_ratio", "op": ">=", "value": 0.95}]},
     },
 }
 

@@ -167,7 +167,8 @@ STAGES: tuple[Stage, ...] = (
                 "title": "FID against latency per image (one point per model)",
                 "x_label": "ms per image (batch 1, median)", "y_label": "FID"}},
         reports={"report": "reports/report.md"},
-        code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/models/classifier.py", "src/sd_distill/report.py"),
+        code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/scoring.py", "src/sd_distill/models/classifier.py",
+              "src/sd_distill/report.py"),
         resources=MODEL_STAGE,
     ),
     Stage(

@@ -1,13 +1,14 @@
 """Stage ``evaluate``: every model the pipeline made, and what a user would run instead, on the same prompts.
 
-tiny/smoke: ``samples_per_prompt`` images for each digit prompt, the same seeds for every model, through the
-stock pipeline: the teacher at ``steps`` (CFG, DDIM), the teacher with DPM-Solver++ and DDIM at each of
-``baseline_steps``, the guided and pruned models at ``steps``, every ``steps-N`` student at N steps, and the
-assembled student with its tiny decoder and with the teacher's VAE. Each gets the digit classifier's accuracy
-(prompt adherence), FID in the classifier's feature space against the real test split (torchmetrics FID with a
-custom feature extractor), UNet calls per image, UNet and decoder parameters and MACs (``models.costs``, attention
-matmuls included), throughput at the evaluation batch, and latency: the median time of one image at batch 1
-over ``latency_repeats`` runs after ``latency_warmup`` (CUDA: synchronized, with peak memory).
+Through the stock pipeline, with the same prompts and seeds for every model: the teacher at ``steps`` (CFG,
+DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_steps``, the guided and pruned models at
+``steps``, every ``steps-N`` student at N steps, and the assembled student with its tiny decoder and with the
+teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
+classifier accuracy and FID in the classifier's feature space; sd15 scores the COCO / PartiPrompts / HPSv2 prompt
+sets by FID and Inception Score (COCO), CLIP score and HPSv2. Each model also gets UNet calls per image, UNet and
+decoder parameters and MACs (``models.costs``, attention matmuls included), throughput at the evaluation batch,
+and latency: the median time of one image at batch 1 over ``latency_repeats`` runs after ``latency_warmup``
+(CUDA: synchronized, with peak memory).
 
 Writes ``reports/metrics.json`` (DVC metrics), ``reports/quality_vs_steps.csv`` and ``reports/pareto.csv`` (DVC
 plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_steps``, the assembled student; columns:
@@ -26,16 +27,13 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from sd_distill import report
-from sd_distill.data.shards import read_split
-from sd_distill.data.sources import DIGIT_WORDS
-from sd_distill.models.classifier import DigitClassifier, FeatureExtractor, predict, to_tensor
 from sd_distill.models.costs import describe
 from sd_distill.models.parts import load_pipeline, pick_device
 from sd_distill.params import EvaluateParams
+from sd_distill.scoring import DigitSuite, TextImageSuite
 from sd_distill.stages.halve import MODEL_CARD
 
 log = logging.getLogger(__name__)
@@ -51,15 +49,6 @@ def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: flo
                       generator=gens, output_type="np").images
         out.append((images * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
-
-
-@torch.no_grad()
-def fid(extractor: FeatureExtractor, real: np.ndarray, fake: np.ndarray) -> float:
-    """Frechet distance between classifier features of two (N, H, W, 3) uint8 sets."""
-    metric = FrechetInceptionDistance(feature=extractor, normalize=True)
-    metric.update(to_tensor(real), real=True)
-    metric.update(to_tensor(fake), real=False)
-    return float(metric.compute())
 
 
 def grid(images: np.ndarray, rows: int, cols: int, scale: int = 4, gap: int = 1) -> Image.Image:
@@ -115,27 +104,14 @@ def with_solver(pipe, solver: str):
     return pipe
 
 
-def score(pipe, classifier: DigitClassifier, real_test: np.ndarray, p: EvaluateParams, seed: int, steps: int,
-          calls: int) -> tuple[dict, np.ndarray]:
-    """Accuracy (overall and per digit) and FID of ``pipe``'s samples; the same prompts and seeds for every model."""
-    labels = np.repeat(np.arange(10), p.samples_per_prompt)
-    prompts = [p.prompt_template.format(word=DIGIT_WORDS[d]) for d in labels]
-    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+def score(pipe, suite, p: EvaluateParams, steps: int, calls: int) -> tuple[dict, np.ndarray]:
+    """The suite's quality figures for ``pipe``'s samples (the same prompts and seeds for every model)."""
     start = time.perf_counter()
-    images = sample(pipe, prompts, seeds, steps, p.guidance, p.batch_size)
+    images = sample(pipe, suite.prompts, suite.seeds, steps, p.guidance, p.batch_size)
     seconds = time.perf_counter() - start
-    predicted = predict(classifier, to_tensor(images)).numpy()
-    correct = predicted == labels
-    metrics = {
-        "accuracy": float(correct.mean()),
-        "accuracy_per_digit": {DIGIT_WORDS[d]: float(correct[labels == d].mean()) for d in range(10)},
-        "fid": fid(FeatureExtractor(classifier), real_test, images),
-        "samples": len(images),
-        "steps": steps,
-        "guidance": p.guidance,
-        "unet_calls_per_image": calls,
-        "seconds_per_image": seconds / len(images),
-    }
+    metrics = suite.score(images)
+    metrics.update({"samples": len(images), "steps": steps, "guidance": p.guidance, "unet_calls_per_image": calls,
+                    "seconds_per_image": seconds / len(images)})
     return metrics, images
 
 
@@ -171,17 +147,19 @@ def grid_rows(p: EvaluateParams, names: list[str], student_steps: int | None) ->
     return [n for n in wanted if n in names]
 
 
-def columns_of(images: np.ndarray, p: EvaluateParams) -> np.ndarray:
-    """The grid's columns from one model's samples: digit ``c % 10``, sample ``c // 10`` (same seeds everywhere)."""
-    cols = min(p.grid_columns, 10 * p.samples_per_prompt)
-    return np.stack([images[(c % 10) * p.samples_per_prompt + c // 10] for c in range(cols)])
+def thumbnails(images: np.ndarray, size: int = 128) -> np.ndarray:
+    """Tiles for the grid: images larger than ``size`` are shrunk to it (sd15's 512 px), smaller ones kept."""
+    if images.shape[1] <= size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS)) for im in images])
 
 
-def labelled_grid(rows: dict[str, np.ndarray], scale: int = 4) -> Image.Image:
-    """One row of tiles per model with its name on the left."""
+def labelled_grid(rows: dict[str, np.ndarray]) -> Image.Image:
+    """One row of tiles per model with its name on the left; tiny images are upscaled 4x (nearest)."""
     from PIL import ImageDraw
 
     names = list(rows)
+    scale = 4 if next(iter(rows.values())).shape[1] < 64 else 1
     cols = len(next(iter(rows.values())))
     body = grid(np.concatenate([rows[n] for n in names]), rows=len(names), cols=cols, scale=scale)
     row_h = body.height / len(names)
@@ -194,17 +172,16 @@ def labelled_grid(rows: dict[str, np.ndarray], scale: int = 4) -> Image.Image:
     return canvas
 
 
-def quality_table(models: dict[str, dict], p: EvaluateParams) -> list[dict]:
-    """Rows for ``quality_vs_steps.csv``: per step count, the students' and each solver's FID and accuracy."""
+def quality_table(models: dict[str, dict], p: EvaluateParams, keys: tuple[str, ...]) -> list[dict]:
+    """Rows for ``quality_vs_steps.csv``: per step count, the students' and each solver's quality figures."""
+    keys = tuple(k for k in keys if any(m.get(k) is not None for m in models.values()))
     rows = []
     for n in sorted(p.baseline_steps):
-        row = {"steps": n}
-        student = models.get(f"steps-{n}@{n}")
-        row["student_fid"] = student["fid"] if student else ""
-        row["student_accuracy"] = student["accuracy"] if student else ""
+        student = models.get(f"steps-{n}@{n}", {})
+        row = {"steps": n, **{f"student_{k}": student.get(k, "") for k in keys}}
         for solver in p.baseline_solvers:
             m = models[f"teacher-{solver}@{n}"]
-            row[f"{solver}_fid"], row[f"{solver}_accuracy"] = m["fid"], m["accuracy"]
+            row.update({f"{solver}_{k}": m.get(k, "") for k in keys})
         rows.append(row)
     return rows
 
@@ -218,14 +195,12 @@ def write_csv(path, rows: list[dict]) -> None:
 
 def main(ctx) -> None:
     p: EvaluateParams = ctx.params.evaluate
-    if ctx.params.profile == "sd15":
-        raise NotImplementedError("evaluate: the sd15 evaluation (FID/IS/CLIP on MS-COCO, PartiPrompts, HPSv2) "
-                                  "is not built yet (issue #5); the tiny and smoke profiles are supported")
-    data = ctx.inputs["data"]
     seed = ctx.params.base.seed
     device = pick_device(ctx.params.base)
-    classifier = DigitClassifier.load(data / "classifier")
-    test, val = read_split(data, "test"), read_split(data, "val")
+    if ctx.params.profile == "sd15":
+        suite = TextImageSuite(p, seed, ctx.params.prepare.resolution, device)
+    else:
+        suite = DigitSuite(ctx.inputs["data"], p, seed)
     models: dict[str, dict] = {}
     shown: dict[str, np.ndarray] = {}
     student_steps = None
@@ -238,42 +213,34 @@ def main(ctx) -> None:
         if cand.vae:
             pipe.vae = load_pipeline(ctx.inputs[cand.vae], device).vae
         calls = cand.unet_calls(pipe.unet.config.time_cond_proj_dim is not None, p.guidance)
-        models[cand.name], images = score(pipe, classifier, test.images, p, seed, cand.steps, calls)
+        models[cand.name], images = score(pipe, suite, p, cand.steps, calls)
         cost = describe(pipe.unet, pipe.vae, seq_len=pipe.tokenizer.model_max_length)
         models[cand.name].update({
             "model": cand.model, "solver": cand.solver, "decoder": cost["decoder_class"],
             "unet_parameters": cost["parameters"]["unet"], "decoder_parameters": cost["parameters"]["vae_decoder"],
             "unet_macs_per_call": cost["unet_call"]["macs_total"], "decoder_macs": cost["decoder_call"]["macs_total"],
             "unet_macs_per_image": cost["unet_call"]["macs_total"] * calls})
-        models[cand.name].update(latency(pipe, p.prompt_template.format(word=DIGIT_WORDS[7]), cand.steps,
-                                         p.guidance, p))
+        models[cand.name].update(latency(pipe, suite.latency_prompt, cand.steps, p.guidance, p))
         if cand.name in in_grid:
-            shown[cand.name] = columns_of(images, p)
-        log.info("evaluate: %-18s accuracy %.3f  FID %.3f  %7.1f ms/image  (%d UNet calls per image)", cand.name,
-                 models[cand.name]["accuracy"], models[cand.name]["fid"], models[cand.name]["latency_ms"], calls)
+            shown[cand.name] = thumbnails(images[suite.grid_index])
+        log.info("evaluate: %-18s %s  %7.1f ms/image  (%d UNet calls per image)", cand.name,
+                 "  ".join(f"{k} {models[cand.name][k]:.3f}" for k in suite.ratio_keys
+                           if models[cand.name].get(k) is not None), models[cand.name]["latency_ms"], calls)
     reference = models[f"teacher@{p.steps}"]
     for m in models.values():
-        m["fid_ratio"] = m["fid"] / reference["fid"] if reference["fid"] > 0 else float("nan")
-        m["accuracy_ratio"] = m["accuracy"] / reference["accuracy"] if reference["accuracy"] > 0 else float("nan")
-    summary = {
-        "profile": ctx.params.profile,
-        "device": device,
-        "fid_features": "digit-classifier features (penultimate layer)",
-        "grid_rows": in_grid,
-        "teacher": reference,
-        "models": models,
-        "classifier": {"test_accuracy": json.loads((data / "classifier" / "config.json").read_text())["test_accuracy"]},
-        "reference": {"fid_val_vs_test": fid(FeatureExtractor(classifier), test.images, val.images),
-                      "val_images": len(val), "test_images": len(test)},
-    }
+        for key in suite.ratio_keys:
+            if m.get(key) is not None and reference.get(key):
+                m[f"{key}_ratio"] = m[key] / reference[key]
+    summary = {"profile": ctx.params.profile, "device": device, **suite.context(), "grid_rows": in_grid,
+               "teacher": reference, "models": models}
     ctx.outputs["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
-    write_csv(ctx.outputs["quality"], quality_table(models, p))
+    write_csv(ctx.outputs["quality"], quality_table(models, p, suite.ratio_keys))
     points = report.pareto(report.rows(summary))
     write_csv(ctx.outputs["pareto"], points)
     labelled_grid(shown).save(ctx.outputs["grid"])
     report.plot_pareto(points, ctx.outputs["pareto_plot"],
                        title=f"FID against latency per image ({ctx.params.profile} profile, {device})")
     ctx.outputs["report"].write_text(report.markdown(summary, {"grid": "grid.png", "pareto": "pareto.png"}))
-    ctx.summary.update({"teacher_accuracy": reference["accuracy"], "teacher_fid": reference["fid"],
-                        "reference_fid_val_vs_test": summary["reference"]["fid_val_vs_test"]})
-    ctx.summary.update({f"{name.replace('@', '_at_')}_fid": m["fid"] for name, m in models.items()})
+    ctx.summary.update({f"teacher_{k}": reference[k] for k in suite.ratio_keys if reference.get(k) is not None})
+    ctx.summary.update({f"{name.replace('@', '_at_')}_{k}": m[k] for name, m in models.items()
+                        for k in suite.ratio_keys if m.get(k) is not None})
