@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from sd_distill.data.shards import MANIFEST  # sha256 of every shard
+from sd_distill.data.shards import MANIFEST, sha256_file  # the manifest holds every shard's sha256
 from sd_distill.errors import UserError
 from sd_distill.params import GateBound, RegisterParams
 from sd_distill.serving import MODEL_CARD, log_student, read_card
@@ -120,17 +120,9 @@ def student_row(metrics_path: Path, student_dir: Path) -> tuple[str, dict]:
     return name, models[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_hashes(folder: Path) -> list[tuple[str, str]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RECORD_FILE)
-    return [(path.relative_to(folder).as_posix(), _sha256(path)) for path in files]
+    return [(path.relative_to(folder).as_posix(), sha256_file(path)) for path in files]
 
 
 def registration_key(data_dir: Path, student_dir: Path, row: Mapping, p: RegisterParams) -> str:
@@ -142,7 +134,7 @@ def registration_key(data_dir: Path, student_dir: Path, row: Mapping, p: Registe
     decision reads, so re-timing the same model (``seconds_per_image``) is no new version. And the params.
     """
     manifest = Path(data_dir) / MANIFEST
-    data = [(MANIFEST, _sha256(manifest))] if manifest.is_file() else _file_hashes(Path(data_dir))
+    data = [(MANIFEST, sha256_file(manifest))] if manifest.is_file() else _file_hashes(Path(data_dir))
     metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
     body = {
         "data": data,
