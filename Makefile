@@ -3,10 +3,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Airflow has its own environment, as in its own image: its Kubernetes provider needs kubernetes>=36, while
+# kfp (in the trainer environment above) pins kubernetes<31. It holds sd-distill without dependencies, for the
+# stage registry the DAG file reads; the DAG's tasks run the trainer environment's `sd-distill`.
+AIRFLOW_VENV  := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup run test dvc-yaml clean
+.PHONY: help setup setup-airflow run test dvc-yaml kfp-yaml clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,18 +24,31 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv with the pinned dependencies
+$(AIRFLOW_STAMP): pyproject.toml constraints-airflow.txt
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-airflow.txt apache-airflow \
+		apache-airflow-providers-cncf-kubernetes kubernetes-validate
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(AIRFLOW_STAMP)
+
+setup: $(STAMP)  ## create .venv (the trainer: stages, DVC, MLflow, the kfp SDK) with the pinned dependencies
+
+setup-airflow: $(AIRFLOW_STAMP)  ## create .venv-airflow (Airflow 3 and its Kubernetes provider)
 
 run: setup  ## run the whole DAG on the profile in params.yaml (tiny by default) with dvc repro
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || dvc init -q
 	sd-distill repro
 
-test: setup  ## run the test suite
+test: setup setup-airflow  ## run the test suite (sets up both environments)
 	$(BIN)/python -m pytest -q
 
 dvc-yaml: setup  ## regenerate dvc.yaml from the stage registry
 	sd-distill dvc
+
+kfp-yaml: setup  ## recompile components/sd_distill_pipeline.yaml from the stage registry
+	sd-distill kfp compile
 
 clean:  ## remove outputs, checkpoints and the local MLflow store (keeps .venv)
 	rm -rf data/prepared models reports checkpoints mlflow.db mlartifacts

@@ -1,5 +1,9 @@
+import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +51,89 @@ def smoke_project(tmp_path_factory):
             break
         run_stage(stage.name, params, root)
     return root
+
+
+def sh(args, cwd, env, check=True):
+    out = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-3000:]}")
+    return out
+
+
+# -- the smoke profile through each orchestrator, once per session ------------------------------------------
+
+@pytest.fixture(scope="session")
+def dvc_run(tmp_path_factory):
+    """`sd-distill repro` (dvc repro under an MLflow parent run) in a temporary git repo."""
+    import yaml
+
+    base = tmp_path_factory.mktemp("e2e")
+    root = base / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**committed, "profile": "smoke"}))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "init"], root, env)
+    started = time.time()
+    first = sh([BIN / "sd-distill", "repro"], root, env)
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    return {"root": root, "env": env, "first": first, "base": base, "metrics": metrics,
+            "seconds": time.time() - started}
+
+
+AIRFLOW_PYTHON = ROOT / ".venv-airflow" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def airflow(tmp_path_factory):
+    """Runs tests/airflow_driver.py in .venv-airflow against a freshly migrated SQLite metadata database."""
+    if not AIRFLOW_PYTHON.is_file():
+        pytest.fail(f"{AIRFLOW_PYTHON} is missing: `make setup-airflow` creates Airflow's environment")
+    home = tmp_path_factory.mktemp("airflow")
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+           "SD_DISTILL_BIN": str(BIN / "sd-distill")}
+    sh([AIRFLOW_PYTHON.parent / "airflow", "db", "migrate"], home, env)
+
+    def drive(command: str, conf: dict | None = None, extra_env: dict | None = None) -> dict:
+        out = sh([AIRFLOW_PYTHON, ROOT / "tests" / "airflow_driver.py", command, json.dumps(conf or {})],
+                 home, {**env, **(extra_env or {})})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return drive
+
+
+@pytest.fixture(scope="session")
+def airflow_run(airflow, tmp_path_factory):
+    """dag.test() of the smoke profile in local mode: every stage runs `sd-distill run` on the "worker"."""
+    base = tmp_path_factory.mktemp("airflow-run")
+    project = base / "project"
+    project.mkdir()
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    result = airflow("run", {"profile": "smoke", "mode": "local"},
+                     {"SD_DISTILL_PROJECT": str(project), "MLFLOW_TRACKING_URI": uri})
+    return {**result, "root": project, "tracking_uri": uri}
+
+
+@pytest.fixture(scope="session")
+def kfp_run(tmp_path_factory):
+    """The compiled pipeline's components run by kfp.local's SubprocessRunner (this environment's Python)."""
+    from kfp import local
+
+    from sd_distill.orchestrators import kubeflow
+
+    base = tmp_path_factory.mktemp("kfp-run")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(base / "pipeline-root"))
+    started = time.time()
+    task = kubeflow.build()(profile="smoke", workdir=str(base / "project"), gpus=0)
+    return {"task": task, "root": base / "project", "seconds": time.time() - started,
+            "metrics": json.loads((base / "project" / "reports" / "metrics.json").read_text())}

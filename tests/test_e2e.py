@@ -1,9 +1,7 @@
 """End to end: the smoke profile through real `dvc repro` in a temporary git repo, tracked in real MLflow."""
 
 import json
-import os
 import shutil
-import subprocess
 
 import mlflow
 import pytest
@@ -11,38 +9,16 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 from sd_distill import registry
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, sh
 
 pytestmark = pytest.mark.slow
 STAGES = [s.name for s in registry.STAGES]
 
 
-def sh(args, cwd, env, check=True):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and out.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
-    root = base / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(ROOT / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump({**committed, "profile": "smoke"}))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh(["git", "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "init"], root, env)
-    first = sh([str(BIN / "sd-distill"), "repro"], root, env)
-    return {"root": root, "env": env, "first": first, "base": base}
+def repo(dvc_run):
+    """The smoke profile through `sd-distill repro` in a temporary git repo (tests/conftest.py)."""
+    return dvc_run
 
 
 def test_repro_makes_every_output(repo):

@@ -17,6 +17,8 @@ EPILOG = """examples:
   sd-distill run prepare                    one stage, reading ./params.yaml
   sd-distill run teacher --resume           continue from the stage's last checkpoint
   sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
+  sd-distill run halve@8 --profile smoke --overrides '{"halve.train.batch_size": 16}'   as Airflow/Kubeflow do
+  sd-distill kfp compile                    components/sd_distill_pipeline.yaml for Kubeflow Pipelines
   sd-distill sample models/teacher --prompt "a handwritten digit seven" --steps 64 --guidance 7.5 --out seven.png
   sd-distill sample models/steps-1 --prompt "a handwritten digit seven" --out seven-1step.png --scale 8
   sd-distill inspect --arch sd15 --bk small --decoder tiny   parameters and MACs per call, nothing downloaded
@@ -49,12 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     _params_args(p)
     p.add_argument("--resume", action="store_true", help="continue training from the stage's last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="resolve and print the params, run nothing")
+    orch = p.add_argument_group("run parameters from an orchestrator (Airflow, Kubeflow)")
+    orch.add_argument("--profile", choices=("tiny", "smoke", "sd15"), default=None,
+                      help="use this profile instead of the params file's; the params file may then be absent")
+    orch.add_argument("--overrides", dest="overrides_json", default=None, metavar="JSON",
+                      help='JSON object of section.key to value, e.g. \'{"teacher.unet_train.steps": 50}\'; '
+                           "applied like --set")
+    orch.add_argument("--pipeline-run", default=None, metavar="ID",
+                      help="the orchestrated run this stage belongs to: tags its MLflow run; a retry with the "
+                           "same id resumes from the stage's last checkpoint")
 
     p = sub.add_parser("repro", help="run the DAG with `dvc repro` under one MLflow parent run")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc repro`")
 
     p = sub.add_parser("dvc", help="write dvc.yaml from the stage registry")
     p.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not up to date, write nothing")
+
+    p = sub.add_parser(
+        "kfp", help="the Kubeflow Pipelines v2 pipeline built from the stage registry",
+        description="compile: write the pipeline `sd-distill` (a component per stage, the registry's edges) to "
+                    "components/sd_distill_pipeline.yaml, for `kfp.Client().create_run_from_pipeline_package` or "
+                    "the Kubeflow UI's upload.")
+    p.add_argument("action", choices=("compile",))
+    p.add_argument("--out", type=Path, default=Path("components/sd_distill_pipeline.yaml"),
+                   help="pipeline YAML to write (default: components/sd_distill_pipeline.yaml)")
+    p.add_argument("--image", default=None, help="trainer image every component runs (default: the release's)")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date, write nothing")
 
     p = sub.add_parser("sample", help="sample one image from a diffusers model folder")
     p.add_argument("model_dir", type=Path, help="a StableDiffusionPipeline folder, e.g. models/teacher")
@@ -130,16 +152,25 @@ def cmd_params(args) -> int:
 
 def cmd_run(args) -> int:
     from sd_distill import registry
-    from sd_distill.params import resolve
+    from sd_distill.errors import UserError
+    from sd_distill.params import overrides_to_set, resolve
 
     stage = registry.get(args.stage)
-    params = resolve(args.params, args.overrides)
+    overrides = list(args.overrides)
+    if args.overrides_json is not None:
+        try:
+            mapping = json.loads(args.overrides_json)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--overrides: not valid JSON ({exc}): {args.overrides_json!r}") from None
+        overrides += overrides_to_set(mapping)
+    params = resolve(args.params, overrides, profile=args.profile)
     if args.dry_run:
         print(json.dumps(params.for_stage(stage.params_section), indent=2))
         return 0
     from sd_distill.runner import run_stage
 
-    summary = run_stage(stage.name, params, root=args.params.resolve().parent, resume=args.resume)
+    summary = run_stage(stage.name, params, root=args.params.resolve().parent, resume=args.resume,
+                        pipeline_run=args.pipeline_run)
     print(json.dumps({"stage": stage.name, **summary}, indent=2))
     return 0
 
@@ -176,6 +207,20 @@ def cmd_dvc(args) -> int:
             return 1
         return 0
     print("dvc.yaml " + ("written" if dvcgen.write(path) else "already up to date"))
+    return 0
+
+
+def cmd_kfp(args) -> int:
+    from sd_distill.orchestrators import common, kubeflow
+
+    image = args.image or common.IMAGE
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != kubeflow.render(image):
+            print(f"{args.out} is out of date with the stage registry; run `sd-distill kfp compile`",
+                  file=sys.stderr)
+            return 1
+        return 0
+    print(f"{args.out} " + ("written" if kubeflow.write(args.out, image) else "already up to date"))
     return 0
 
 
@@ -222,7 +267,7 @@ def cmd_inspect(args) -> int:
 
 
 COMMANDS = {"stages": cmd_stages, "params": cmd_params, "run": cmd_run, "repro": cmd_repro, "dvc": cmd_dvc,
-            "sample": cmd_sample, "inspect": cmd_inspect, "report": cmd_report}
+            "kfp": cmd_kfp, "sample": cmd_sample, "inspect": cmd_inspect, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

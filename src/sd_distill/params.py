@@ -443,13 +443,36 @@ def read_params_file(path: Path) -> dict[str, Any]:
     return raw
 
 
-def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> "Params":
-    """Read, layer and validate all sections; raises ``ParamsError`` naming every bad key."""
+def overrides_to_set(overrides: Any, where: str = "--overrides") -> list[str]:
+    """``{"teacher.unet_train.steps": 10}`` (an orchestrator's run parameter) -> ``--set`` items.
+
+    Values are JSON, which is YAML, so they parse back exactly as ``--set`` values do.
+    """
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{where}: expected a mapping of section.key to value, found {type(overrides).__name__}")
+    items = []
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ParamsError(f"{where}: key {key!r}: expected a string section.key")
+        items.append(f"{key}={json.dumps(value)}")
+    return items
+
+
+def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+            profile: str | None = None) -> "Params":
+    """Read, layer and validate all sections; raises ``ParamsError`` naming every bad key.
+
+    ``profile`` (an orchestrator's run parameter) replaces the file's ``profile:``; with it a missing
+    params file means "no project overrides": the profile's preset and ``overrides`` alone.
+    """
     path = Path(path)
-    raw = read_params_file(path)
+    raw = read_params_file(path) if profile is None or path.exists() else {}
+    where = str(path)
+    if profile is not None:
+        raw, where = {**raw, "profile": profile}, "profile"
     profile = raw.get("profile", "tiny")
     if profile not in PROFILES:
-        raise ParamsError(f"{path}: profile: expected one of {', '.join(PROFILE_NAMES)}, found {profile!r}")
+        raise ParamsError(f"{where}: profile: expected one of {', '.join(PROFILE_NAMES)}, found {profile!r}")
     patch = parse_set(overrides)
     sections, errors = {}, []
     for name, model in SECTIONS.items():
@@ -460,7 +483,7 @@ def resolve(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, 
         try:
             sections[name] = model.model_validate(data)
         except ValidationError as exc:
-            errors.append(_format_error(str(path), name, exc, model))
+            errors.append(_format_error(str(path) if path.exists() else "overrides", name, exc, model))
     if errors:
         raise ParamsError("\n".join(errors))
     return Params(profile=profile, **sections)

@@ -30,7 +30,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # = DVC stage = Airflow task_id = KFP component = MLflow run name; "group@item" for rounds
+    name: str  # = DVC stage = MLflow run name; Airflow task / KFP task: common.task_name (halve@32 -> halve-32)
     entry: str  # "module:function", imported only when the stage runs
     doc: str
     inputs: dict[str, str] = field(default_factory=dict)  # role -> path (DVC deps)

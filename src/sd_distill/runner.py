@@ -52,10 +52,33 @@ def _publish(staged: Path, final: Path) -> None:
     staged.rename(final)
 
 
-def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = False) -> dict[str, Any]:
-    """Run stage ``name`` in project ``root``; returns the stage's summary scalars."""
+def _retry_of(root: Path, stage: str, pipeline_run: str | None) -> bool:
+    """True when this is a retry of the same orchestrated run (its checkpoints are ours to resume).
+
+    The run id is kept beside the stage's checkpoints; another run id (or none) starts the stage over.
+    """
+    if not pipeline_run:
+        return False
+    marker = root / "checkpoints" / f"{stage}.pipeline-run"
+    same = marker.is_file() and marker.read_text() == pipeline_run
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(pipeline_run)
+    return same
+
+
+def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = False,
+              pipeline_run: str | None = None) -> dict[str, Any]:
+    """Run stage ``name`` in project ``root``; returns the stage's summary scalars.
+
+    ``pipeline_run`` names the orchestrated run (Airflow DAG run, Kubeflow job) this stage belongs to: it
+    tags the MLflow run, and a second start with the same id (the orchestrator's retry) resumes from the
+    stage's last checkpoint as ``resume`` does.
+    """
     stage = registry.get(name)
     root = Path(root).resolve()
+    if _retry_of(root, name, pipeline_run) and not resume:
+        log.info("stage %s: retry of pipeline run %s, resuming from the last checkpoint", name, pipeline_run)
+        resume = True
     inputs = {role: root / p for role, p in stage.inputs.items()}
     for role, path in inputs.items():
         if not path.exists():
@@ -70,7 +93,7 @@ def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = 
     entry_module, entry_fn = stage.entry.split(":")
     section = params.for_stage(stage.params_section)
     started = time.time()
-    with tracking.stage_run(root, name, section, params.profile) as mlflow:
+    with tracking.stage_run(root, name, section, params.profile, pipeline_run) as mlflow:
         ctx = StageContext(
             stage=stage, params=params, root=root, resume=resume, inputs=inputs, outputs=staged,
             log_metrics=lambda m, step=None: mlflow.log_metrics(m, step=step),

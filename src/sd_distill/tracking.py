@@ -47,12 +47,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(root: Path, stage: str, params: dict[str, Any], profile: str) -> Iterator[Any]:
-    """Child run named after the stage; ends FAILED when the body raises, KILLED on Ctrl-C."""
+def stage_run(root: Path, stage: str, params: dict[str, Any], profile: str,
+              pipeline_run: str | None = None) -> Iterator[Any]:
+    """Child run named after the stage; ends FAILED when the body raises, KILLED on Ctrl-C.
+
+    ``pipeline_run`` (an Airflow DAG run or Kubeflow job, ``airflow:<run_id>``) tags the run so that one
+    orchestrated run's stages can be found together: ``tags.`sd_distill.pipeline_run` = '...'``.
+    """
     mlflow = _setup(root)
     parent = os.environ.get(PARENT_ENV) or None
-    run = mlflow.start_run(run_name=stage, parent_run_id=parent,
-                           tags={"sd_distill.stage": stage, "sd_distill.profile": profile})
+    tags = {"sd_distill.stage": stage, "sd_distill.profile": profile}
+    if pipeline_run:
+        tags["sd_distill.pipeline_run"] = pipeline_run
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags)
     try:
         mlflow.log_params(flatten(params))
         mlflow.log_dict(params, "params.json")

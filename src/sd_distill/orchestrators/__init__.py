@@ -1,0 +1,1 @@
+"""Airflow and Kubeflow views of the stage registry (``common`` is shared and imports neither)."""

@@ -1,0 +1,158 @@
+"""What Airflow and Kubeflow share about a stage: its name, its command line and the pod it runs in.
+
+Both orchestrators build from ``registry.STAGES`` through this module, so they run the same stages with the
+same edges and the same ``sd-distill run`` command that ``dvc repro`` runs. Imports no torch, no airflow and
+no kfp: the DAG file reads it at parse time.
+
+Run parameters (both orchestrators): ``profile`` and ``overrides`` (``{"section.key": value}``) go on the
+command line as ``--profile`` and ``--overrides`` and are layered on top of the project's ``params.yaml``
+(absent is fine: the profile's preset). The orchestrated run's id goes as ``--pipeline-run``: it tags
+the MLflow runs and makes a retry resume from the stage's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sd_distill import registry
+from sd_distill.params import PROFILE_NAMES, SECTIONS
+
+log = logging.getLogger("sd_distill")
+
+# The cluster-side contract (the k8s/ manifests create these): one image runs every stage.
+IMAGE = "ghcr.io/sd-distill/trainer:0.1.0"
+ARTIFACTS_PVC = "sd-distill-artifacts"  # ReadWriteMany: data, checkpoints, models, reports of every run
+ARTIFACTS_MOUNT = "/workspace"
+WORKDIR = f"{ARTIFACTS_MOUNT}/sd-distill"  # the project folder (params.yaml, data/, models/, reports/)
+MLFLOW_SECRET = "sd-distill-mlflow"  # tracking URI and credentials; never a run parameter
+MLFLOW_SECRET_REQUIRED = ("MLFLOW_TRACKING_URI",)
+MLFLOW_SECRET_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+RUN_AS_USER = 1000  # the trainer image's non-root user (docker/Dockerfile)
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+SHM_LIMIT = "8Gi"  # /dev/shm for DataLoader workers: a memory-backed emptyDir
+RETRIES = 2  # attempts after the first; each resumes from the stage's last checkpoint
+RETRY_DELAY_S = 60
+# The root filesystem is read-only: every cache lives on the artifacts volume or in /tmp (an emptyDir).
+CACHE_ENV = {
+    "HOME": "/tmp",
+    "HF_HOME": f"{ARTIFACTS_MOUNT}/.cache/huggingface",
+    "XDG_CACHE_HOME": f"{ARTIFACTS_MOUNT}/.cache",
+    "TRITON_CACHE_DIR": f"{ARTIFACTS_MOUNT}/.cache/triton",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+}
+# What a run hands its user: surfaced by Kubeflow as the pipeline's Output[Model] and Output[Metrics].
+DELIVERABLES = {"student": "models/student", "metrics": "reports/metrics.json"}
+PIPELINE_RUN_ENV = "SD_DISTILL_PIPELINE_RUN"
+ARGO_WORKFLOW_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"  # a Kubeflow run's pods carry it
+
+
+def task_name(stage: str) -> str:
+    """The stage's name where ``@`` is not allowed (Airflow task ids, Kubeflow tasks): ``halve@32`` -> ``halve-32``."""
+    return stage.replace("@", "-")
+
+
+def uses_gpu(stage: registry.Stage) -> bool:
+    """Stages that train or sample a model get the run's GPUs; prepare and assemble never need one."""
+    return stage.resources.gpus_sd15 > 0
+
+
+def stage_args(stage: str, *, profile: str, overrides: dict[str, Any], workdir: str,
+               pipeline_run: str | None) -> list[str]:
+    """Arguments of ``sd-distill`` that run ``stage`` for an orchestrator (the project is ``workdir``)."""
+    args = ["run", stage, "--params", f"{workdir.rstrip('/')}/params.yaml", "--profile", profile,
+            "--overrides", json.dumps(overrides, sort_keys=True)]
+    return [*args, "--pipeline-run", pipeline_run] if pipeline_run else args
+
+
+OVERRIDE_KEY_PATTERN = rf"^({'|'.join(SECTIONS)})\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+
+# JSON schemas of the run parameters (Airflow validates its Params with them; the CLI checks again).
+PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "profile": {"type": "string", "enum": list(PROFILE_NAMES),
+                "description": "params preset: tiny (CPU, minutes), smoke (tests), sd15 (Stable Diffusion v1.5, GPUs)"},
+    "overrides": {"type": "object", "propertyNames": {"pattern": OVERRIDE_KEY_PATTERN},
+                  "description": 'section.key -> value on top of params.yaml, e.g. {"teacher.unet_train.steps": 50}'},
+    "mode": {"type": "string", "enum": ["local", "kubernetes"],
+             "description": "local: run `sd-distill run` on the worker; kubernetes: one pod per stage"},
+    "image": {"type": "string", "minLength": 1, "description": "trainer image (kubernetes mode)"},
+    "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                  "description": "Kubernetes namespace of the stage pods (kubernetes mode)"},
+    "gpus": {"type": "integer", "minimum": 0, "maximum": 8,
+             "description": "GPUs per model stage (kubernetes mode); 0 runs on CPU nodes"},
+    "workdir": {"type": ["null", "string"],
+                "description": "project folder; default: the artifacts volume's sd-distill/ (kubernetes) or "
+                               "$SD_DISTILL_PROJECT, else the checkout holding dags/ (local)"},
+    "node_selector": {"type": "object", "additionalProperties": {"type": "string"},
+                      "description": "node labels for stages that get GPUs"},
+    "tolerations": {"type": "array", "items": {"type": "object"},
+                    "description": "tolerations for stages that get GPUs"},
+}
+PARAM_DEFAULTS: dict[str, Any] = {
+    "profile": "tiny", "overrides": {}, "mode": "local", "image": IMAGE, "namespace": "sd-distill", "gpus": 1,
+    "workdir": None, "node_selector": GPU_NODE_SELECTOR, "tolerations": GPU_TOLERATIONS,
+}
+
+
+def fingerprint(stage: registry.Stage, workdir: Path, upstream: list[str]) -> str:
+    """sha256 over what ``stage`` produced (every file's path and bytes) and its upstream fingerprints.
+
+    Kubeflow passes it downstream, so a task's cache key covers the content of its inputs, not just params.
+    """
+    h = hashlib.sha256()
+    for up in sorted(upstream):
+        h.update(f"upstream {up}\n".encode())
+    for role, rel in sorted(stage.produced.items()):
+        path = workdir / rel
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            digest = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            h.update(f"{role} {f.relative_to(workdir)} {digest.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def run_in_process(stage: str, profile: str, overrides: dict[str, Any], workdir: str, upstream: list[str]) -> str:
+    """Run one stage as a Kubeflow component does (the trainer image's Python); returns its fingerprint."""
+    from sd_distill.cli import main
+
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    run = os.environ.get(PIPELINE_RUN_ENV)
+    pipeline_run = f"kubeflow:{run}" if run else None
+    rc = main(stage_args(stage, profile=profile, overrides=overrides, workdir=workdir, pipeline_run=pipeline_run))
+    if rc:
+        raise SystemExit(rc)
+    return fingerprint(registry.get(stage), Path(workdir), upstream)
+
+
+def export_model(stage: str, workdir: str, dest: str) -> dict[str, Any]:
+    """Copy the stage's deliverable model folder to ``dest`` (a Kubeflow Output[Model] path); its metadata."""
+    s = registry.get(stage)
+    rel = next(p for p in s.outputs.values() if p == DELIVERABLES["student"])
+    shutil.copytree(Path(workdir) / rel, dest, dirs_exist_ok=True)
+    return {"stage": stage, "path": rel, "format": "diffusers StableDiffusionPipeline"}
+
+
+def metric_values(stage: str, workdir: str) -> dict[str, float]:
+    """Every number in the stage's metrics files, flattened to ``a.b.c`` keys (for Output[Metrics])."""
+    out: dict[str, float] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            out[prefix[:-1]] = float(node)
+
+    for rel in registry.get(stage).metrics.values():
+        walk(json.loads((Path(workdir) / rel).read_text()), "")
+    return out

@@ -1,0 +1,117 @@
+"""The Airflow 3 DAG (dags/sd_distill.py) in real Airflow, in its own environment (.venv-airflow)."""
+
+import json
+
+import mlflow
+import pytest
+
+from sd_distill import registry
+from sd_distill.orchestrators import common
+
+TASKS = sorted(common.task_name(s.name) for s in registry.STAGES)
+GPU_TASKS = {common.task_name(s.name) for s in registry.STAGES if common.uses_gpu(s)}
+
+
+@pytest.fixture(scope="module")
+def parsed(airflow):
+    return airflow("parse")
+
+
+def test_dag_folder_imports_cleanly_and_lightly(parsed):
+    assert parsed["import_errors"] == {}
+    assert parsed["dag_ids"] == ["sd_distill"]
+    assert parsed["heavy_modules"] == []  # no torch, diffusers, MLflow, DVC or kfp at parse time
+    assert parsed["schedule"] == "None" and parsed["catchup"] is False and parsed["max_active_runs"] == 1
+
+
+def test_dag_has_the_registrys_tasks_retries_and_params(parsed):
+    assert parsed["tasks"] == TASKS
+    assert parsed["retries"] == [common.RETRIES]
+    assert parsed["on_finish_action"] == ["delete_pod"]
+    assert set(parsed["params"]) == set(common.PARAM_SCHEMAS)
+    assert parsed["params"]["profile"]["enum"] == ["tiny", "smoke", "sd15"]
+
+
+@pytest.mark.parametrize("conf, key", [
+    ({"profile": "huge"}, "profile"),
+    ({"mode": "cluster"}, "mode"),
+    ({"gpus": -1}, "gpus"),
+    ({"overrides": {"nosection.steps": 1}}, "overrides"),
+    ({"namespace": "Not_A_Namespace"}, "namespace"),
+])
+def test_a_bad_run_conf_is_refused_naming_the_param(airflow, conf, key):
+    result = airflow("run", conf)
+    assert result.get("error") == "ParamValidationError", result
+    assert f"param {key}" in result["message"]
+
+
+@pytest.mark.slow
+def test_dag_test_runs_the_smoke_profile_locally(airflow_run):
+    assert airflow_run["state"] == "success", airflow_run
+    assert sorted(airflow_run["states"]) == TASKS
+    assert set(airflow_run["states"].values()) == {"success"}
+    root = airflow_run["root"]
+    for stage in registry.STAGES:
+        for path in stage.produced.values():
+            assert (root / path).exists(), path
+    client = mlflow.MlflowClient(airflow_run["tracking_uri"])
+    exp = client.get_experiment_by_name("sd-distill")
+    tag = f"airflow:{airflow_run['run_id']}"
+    runs = client.search_runs(exp.experiment_id, f"tags.`sd_distill.pipeline_run` = '{tag}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(s.name for s in registry.STAGES)
+    assert all(r.info.status == "FINISHED" and r.data.tags["sd_distill.profile"] == "smoke" for r in runs)
+
+
+@pytest.fixture(scope="module")
+def pods(airflow):
+    return airflow("pods", {"mode": "kubernetes", "profile": "sd15", "gpus": 2, "namespace": "ml",
+                            "image": "registry.example/sd-distill:1.2", "overrides": {"halve.train.batch_size": 8}})
+
+
+def test_every_kubernetes_pod_validates_strictly(pods):
+    assert sorted(pods["pods"]) == TASKS
+    assert pods["errors"] == {}
+
+
+def test_kubernetes_pods_carry_gpus_volumes_secret_and_restricted_security(pods):
+    for task_id, pod in pods["pods"].items():
+        spec, (container,) = pod["spec"], pod["spec"]["containers"]
+        stage = next(s for s in registry.STAGES if common.task_name(s.name) == task_id)
+        assert pod["metadata"]["namespace"] == "ml"
+        assert container["image"] == "registry.example/sd-distill:1.2"
+        assert container["command"] == ["sd-distill"]
+        args = container["args"]
+        assert args[:2] == ["run", stage.name]
+        assert args[args.index("--profile") + 1] == "sd15"
+        assert json.loads(args[args.index("--overrides") + 1]) == {"halve.train.batch_size": 8}
+        assert args[args.index("--pipeline-run") + 1] == "airflow:manual__2026-11-24T00:00:00+00:00"
+        limits = container["resources"]["limits"]
+        if task_id in GPU_TASKS:
+            assert limits[common.GPU_RESOURCE] == "2"
+            assert spec["nodeSelector"] == common.GPU_NODE_SELECTOR
+            assert spec["tolerations"] == common.GPU_TOLERATIONS
+        else:
+            assert common.GPU_RESOURCE not in limits and not spec.get("nodeSelector")
+        assert container["resources"]["requests"]["memory"] == stage.resources.memory
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["artifacts"]["persistentVolumeClaim"]["claimName"] == common.ARTIFACTS_PVC
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts == {"/workspace": "artifacts", "/dev/shm": "dshm", "/tmp": "tmp"}
+        env = {e["name"]: e for e in container["env"]}
+        uri = env["MLFLOW_TRACKING_URI"]
+        assert "value" not in uri and uri["valueFrom"]["secretKeyRef"]["name"] == common.MLFLOW_SECRET
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+
+
+def test_cpu_only_runs_ask_for_no_gpu_and_no_gpu_nodes(airflow):
+    result = airflow("pods", {"mode": "kubernetes", "gpus": 0})
+    assert result["errors"] == {}
+    for pod in result["pods"].values():
+        assert common.GPU_RESOURCE not in pod["spec"]["containers"][0]["resources"]["limits"]
+        assert not pod["spec"].get("nodeSelector") and not pod["spec"].get("tolerations")

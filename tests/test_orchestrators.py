@@ -1,0 +1,152 @@
+"""dvc.yaml, the Airflow DAG and the Kubeflow pipeline: the registry's stages and edges, the same run parameters."""
+
+import dataclasses
+import json
+import logging
+import shutil
+
+import pytest
+import yaml
+
+from sd_distill import dvcgen, registry
+from sd_distill.cli import build_parser, main
+from sd_distill.orchestrators import common, kubeflow
+from sd_distill.params import resolve
+from sd_distill.runner import run_stage
+from tests.conftest import ROOT
+
+REGISTRY_EDGES = sorted(registry.edges())
+
+
+def dvc_edges(text: str) -> list[tuple[str, str]]:
+    """Stages and edges as DVC sees them: foreach expanded, a dep on another stage's out is an edge."""
+    stages = {}
+    for name, body in yaml.safe_load(text)["stages"].items():
+        if "foreach" in body:
+            for key, item in body["foreach"].items():
+                sub = lambda s: s.replace("${key}", key).replace("${item.", "{").format(**item)  # noqa: E731
+                stages[f"{name}@{key}"] = {"deps": [sub(d) for d in body["do"]["deps"]],
+                                           "outs": [sub(o) if isinstance(o, str) else next(iter(o))
+                                                    for o in body["do"].get("outs", [])]}
+        else:
+            outs = [o if isinstance(o, str) else next(iter(o))
+                    for kind in ("outs", "metrics", "plots") for o in body.get(kind, [])]
+            stages[name] = {"deps": body["deps"], "outs": outs}
+    producer = {out: name for name, s in stages.items() for out in s["outs"]}
+    return sorted({(producer[d], name) for name, s in stages.items() for d in s["deps"] if d in producer})
+
+
+def kfp_edges(text: str) -> list[tuple[str, str]]:
+    tasks = next(yaml.safe_load_all(text))["root"]["dag"]["tasks"]
+    by_task = {common.task_name(s.name): s.name for s in registry.STAGES}
+    by_task.update({t: t for t in tasks if t not in by_task})
+    return sorted((by_task[up], by_task[name]) for name, t in tasks.items() for up in t.get("dependentTasks", []))
+
+
+def test_dvc_yaml_has_the_registrys_edges():
+    assert dvc_edges((ROOT / "dvc.yaml").read_text()) == REGISTRY_EDGES
+
+
+def test_compiled_kfp_pipeline_has_the_registrys_edges():
+    assert kfp_edges((ROOT / kubeflow.PIPELINE_YAML).read_text()) == REGISTRY_EDGES
+
+
+def test_airflow_dag_has_the_registrys_edges(airflow):
+    parsed = airflow("parse")
+    expected = sorted([common.task_name(a), common.task_name(b)] for a, b in REGISTRY_EDGES)
+    assert parsed["edges"] == expected
+
+
+def test_task_names_are_unique_and_valid_everywhere():
+    names = [common.task_name(s.name) for s in registry.STAGES]
+    assert len(set(names)) == len(names)
+    assert all(n.replace("-", "").replace("_", "").isalnum() for n in names)
+
+
+@pytest.fixture
+def with_added_stage(monkeypatch):
+    evaluate = registry.get("evaluate")
+    audit = dataclasses.replace(evaluate, name="audit", doc="an added stage",
+                                inputs={"metrics": "reports/metrics.json"}, outputs={}, metrics={},
+                                plots={}, plot_specs={}, reports={"audit": "reports/audit.md"})
+    monkeypatch.setattr(registry, "STAGES", (*registry.STAGES, audit))
+    return ("evaluate", "audit")
+
+
+def test_adding_a_stage_to_the_registry_adds_it_everywhere(with_added_stage, airflow):
+    assert with_added_stage in dvc_edges(dvcgen.render())
+    assert with_added_stage in kfp_edges(kubeflow.render())
+    assert list(with_added_stage) in airflow("parse", {"extra_stage": True})["edges"]
+
+
+def test_orchestrator_arguments_parse_back_into_the_same_run(tmp_path, capsys):
+    args = common.stage_args("halve@8", profile="smoke", overrides={"halve.train.batch_size": 3},
+                             workdir=str(tmp_path), pipeline_run="airflow:r1")
+    parsed = build_parser().parse_args(args)
+    assert (parsed.stage, parsed.profile, parsed.pipeline_run) == ("halve@8", "smoke", "airflow:r1")
+    assert parsed.params == tmp_path / "params.yaml" and not parsed.params.exists()
+    assert main([*args, "--dry-run"]) == 0  # no params.yaml in the workdir: the profile's preset
+    section = json.loads(capsys.readouterr().out)
+    assert section["profile"] == "smoke" and section["halve"]["train"]["batch_size"] == 3
+
+
+def test_run_profile_replaces_the_files_profile_and_overrides_layer_on_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: tiny\nteacher:\n  unet_train:\n    steps: 7\n")
+    params = resolve(path, ["teacher.unet_train.batch_size=3"], profile="smoke")
+    assert params.profile == "smoke"
+    assert params.teacher.unet_train.steps == 7 and params.teacher.unet_train.batch_size == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ('{"teacher.unet_train.step": 3}', "overrides: teacher.unet_train.step: unknown key"),
+    ('["teacher.unet_train.steps"]', "expected a mapping of section.key to value, found list"),
+    ('{"teacher.unet_train.steps": 3', "--overrides: not valid JSON"),
+    ('{"nosection.x": 1}', "unknown section 'nosection'"),
+])
+def test_bad_overrides_name_the_key_and_run_nothing(tmp_path, capsys, overrides, message):
+    rc = main(["run", "teacher", "--params", str(tmp_path / "params.yaml"), "--profile", "smoke",
+               "--overrides", overrides])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
+def test_override_key_schema_accepts_every_section_and_nothing_else():
+    import re
+
+    pattern = re.compile(common.OVERRIDE_KEY_PATTERN)
+    assert all(pattern.match(f"{s}.x") for s in common.SECTIONS)
+    assert not pattern.match("profile") and not pattern.match("teacher") and not pattern.match("nosection.x")
+
+
+def test_a_retry_of_the_same_pipeline_run_resumes_and_a_new_run_starts_over(smoke_project, tmp_path, caplog):
+    root = tmp_path / "project"
+    shutil.copytree(smoke_project, root)
+    params = resolve(root / "params.yaml")
+    caplog.set_level(logging.INFO, logger="sd_distill")
+    run_stage("guidance", params, root, pipeline_run="airflow:run-1")
+    assert "resumed from" not in caplog.text
+    caplog.clear()
+    run_stage("guidance", params, root, pipeline_run="airflow:run-1")  # the orchestrator's retry
+    assert "retry of pipeline run airflow:run-1" in caplog.text and "resumed from" in caplog.text
+    caplog.clear()
+    run_stage("guidance", params, root, pipeline_run="airflow:run-2")  # another run: from scratch
+    assert "resumed from" not in caplog.text
+
+
+@pytest.mark.slow
+def test_the_three_orchestrators_produce_the_same_metrics_keys(dvc_run, airflow_run, kfp_run):
+    def keys(tree, prefix=""):
+        out = set()
+        for k, v in tree.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return out
+
+    airflow_metrics = json.loads((airflow_run["root"] / "reports" / "metrics.json").read_text())
+    reference = keys(dvc_run["metrics"])
+    assert len(reference) > 20
+    assert keys(airflow_metrics) == reference
+    assert keys(kfp_run["metrics"]) == reference
+    # same params, same deterministic training: the teacher scores the same under every orchestrator
+    assert airflow_metrics["teacher"]["fid"] == pytest.approx(dvc_run["metrics"]["teacher"]["fid"])
+    assert kfp_run["metrics"]["teacher"]["fid"] == pytest.approx(dvc_run["metrics"]["teacher"]["fid"])
