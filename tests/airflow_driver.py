@@ -4,6 +4,7 @@
                                                   (OPTS {"extra_stage": true}: with a stage added to the registry)
     python tests/airflow_driver.py run CONF       dag.test(run_conf=CONF): every task's final state
     python tests/airflow_driver.py pods CONF      the pod of every task for CONF, rendered with no cluster
+    python tests/airflow_driver.py runs           the DAG's runs in the metadata database, with their conf
 
 Each prints one JSON document on its last line of stdout.
 """
@@ -78,6 +79,16 @@ def run(conf: dict) -> dict:
             "seconds": time.time() - started}
 
 
+def runs() -> dict:
+    """The DAG's runs in the metadata database: run id, state and conf."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(DagRun).filter(DagRun.dag_id == "sd_distill").all()
+        return {"runs": [{"run_id": r.run_id, "state": str(r.state), "conf": r.conf} for r in rows]}
+
+
 def pods(conf: dict) -> dict:
     """Every task's pod as the operator builds it for a run with ``conf``, checked by kubernetes-validate."""
     import kubernetes_validate
@@ -107,5 +118,5 @@ if __name__ == "__main__":
     command = sys.argv[1]
     conf = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     result = {"parse": lambda: parse(conf.get("extra_stage", False)), "run": lambda: run(conf),
-              "pods": lambda: pods(conf)}[command]()
+              "pods": lambda: pods(conf), "runs": runs}[command]()
     print(json.dumps(result, default=str))

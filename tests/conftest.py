@@ -109,6 +109,10 @@ def airflow(tmp_path_factory):
                  home, {**env, **(extra_env or {})})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def cli(*args: str):
+        return sh([AIRFLOW_PYTHON.parent / "airflow", *args], home, env, check=False)
+
+    drive.cli = cli
     return drive
 
 

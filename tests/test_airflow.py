@@ -45,6 +45,18 @@ def test_a_bad_run_conf_is_refused_naming_the_param(airflow, conf, key):
     assert f"param {key}" in result["message"]
 
 
+def test_airflow_cli_trigger_queues_a_run_with_its_conf_and_refuses_a_bad_one(airflow):
+    assert airflow.cli("dags", "reserialize").returncode == 0
+    conf = {"profile": "smoke", "overrides": {"teacher.unet_train.steps": 3}}
+    ok = airflow.cli("dags", "trigger", "sd_distill", "--conf", json.dumps(conf))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    queued = [r for r in airflow("runs")["runs"] if r["conf"] == conf]
+    assert len(queued) == 1 and queued[0]["state"] == "queued"
+    bad = airflow.cli("dags", "trigger", "sd_distill", "--conf", json.dumps({"profile": "huge"}))
+    assert bad.returncode != 0
+    assert "Invalid input for param profile" in bad.stderr
+
+
 @pytest.mark.slow
 def test_dag_test_runs_the_smoke_profile_locally(airflow_run):
     assert airflow_run["state"] == "success", airflow_run
