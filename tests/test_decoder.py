@@ -115,7 +115,7 @@ def test_adversarial_run_checkpoints_its_discriminator_resumes_exactly_and_publi
     assert set(published) == set(fresh.state_dict())  # no discriminator weights
     checkpoints = sorted((root / "checkpoints" / "decoder").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-0000002", "step-0000004"]
-    assert any(k.startswith("critic.") for k in load_file(checkpoints[-1] / "model.safetensors"))
+    assert any(k.startswith("model.critic.") for k in load_file(checkpoints[-1] / "model.safetensors"))
 
     # resuming from step 2 replays the same batches, noise and discriminator: the same weights
     shutil.rmtree(checkpoints[-1])

@@ -34,7 +34,8 @@ class TrainParams(Section):
 
     steps: int = Field(1200, ge=1, description="optimizer steps")
     batch_size: int = Field(128, ge=1, description="samples per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x "
+                            "grad_accum; N processes take grad_accum / N each, so it must be a multiple of N)")
     learning_rate: float = Field(1e-3, gt=0, le=1)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(50, ge=0)

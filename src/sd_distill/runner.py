@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,11 @@ def _retry_of(root: Path, stage: str, pipeline_run: str | None) -> bool:
     return same
 
 
+def process_rank() -> int:
+    """This process's rank under ``torchrun`` / ``accelerate launch`` (0 when alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = False,
               pipeline_run: str | None = None) -> dict[str, Any]:
     """Run stage ``name`` in project ``root``; returns the stage's summary scalars.
@@ -73,7 +79,12 @@ def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = 
     ``pipeline_run`` names the orchestrated run (Airflow DAG run, Kubeflow job) this stage belongs to: it
     tags the MLflow run, and a second start with the same id (the orchestrator's retry) resumes from the
     stage's last checkpoint as ``resume`` does.
+
+    Under a multi-process launcher every process runs the stage (the training loop is data-parallel);
+    only rank 0 tracks it in MLflow and publishes outputs, the others write to private scratch folders.
     """
+    if process_rank() > 0:
+        return _run_follower(name, params, Path(root).resolve())
     stage = registry.get(name)
     root = Path(root).resolve()
     if _retry_of(root, name, pipeline_run) and not resume:
@@ -112,4 +123,21 @@ def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = 
             for role, path in stage.outputs.items():
                 mlflow.log_artifacts(str(root / path), role)
     log.info("stage %s done in %.1fs: %s", name, ctx.summary["stage_seconds"], json.dumps(ctx.summary))
+    return ctx.summary
+
+
+def _run_follower(name: str, params: Params, root: Path) -> dict[str, Any]:
+    """A non-main process of a multi-process stage: trains alongside rank 0, keeps nothing."""
+    stage = registry.get(name)
+    scratch = root / "checkpoints" / f".{stage.name}.rank{process_rank()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    outputs = {role: scratch / Path(p).name for role, p in stage.produced.items()}
+    ctx = StageContext(stage=stage, params=params, root=root, inputs={r: root / p for r, p in stage.inputs.items()},
+                       outputs=outputs)
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        entry_module, entry_fn = stage.entry.split(":")
+        getattr(importlib.import_module(entry_module), entry_fn)(ctx)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return ctx.summary

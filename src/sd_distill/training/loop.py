@@ -4,6 +4,12 @@ Randomness inside the loop never comes from global RNG state: the batch and the 
 micro-batch ``m`` draw from ``torch.Generator`` seeded by ``(seed, s, m)``. A run resumed from a checkpoint
 therefore sees exactly the batches and noise the uninterrupted run would have, and ends with the same
 weights on CPU.
+
+Under ``torchrun`` / ``accelerate launch`` with N processes the loop is data-parallel: a step's
+``grad_accum`` micro-batches are dealt out (process r takes r, r + N, ...), DDP averages the gradients, and
+only the main process writes checkpoints. The global batch, the data and the noise are those of a
+single-process run, so any process count trains the same model (within float error), and a checkpoint
+resumes under another process count.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -21,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -46,9 +54,26 @@ class CheckpointMismatch(UserError, RuntimeError):
     """A checkpoint exists but was made with other training params."""
 
 
+def world_size() -> int:
+    """Processes training together (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class _Objective(torch.nn.Module):
+    """``loss_fn`` on ``model`` as a module's forward: what the accelerator (DDP) wraps."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, gen: torch.Generator):
+        return self.loss_fn(self.model, batch, gen)
 
 
 @dataclass
@@ -117,18 +142,34 @@ def train(
     started = time.time()
     workdir = Path(workdir)
     fingerprint = json.dumps(p.model_dump(mode="json"), sort_keys=True)
-    if not resume and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    world = world_size()
+    if p.grad_accum % world:
+        raise UserError(f"{name}: train.grad_accum is {p.grad_accum}, which {world} processes cannot share: the "
+                        f"global batch is batch_size x grad_accum micro-batches, each process takes every "
+                        f"{world}th. Set grad_accum to a multiple of {world}.")
 
     torch.manual_seed(seed)
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=p.grad_accum, cpu=cpu)
+    # Data-parallel: process r takes micro-batches r, r + world, ... of every step and DDP averages the
+    # gradients, so any process count trains on the same global batch; the LR schedule counts optimizer steps.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if world > 1 else []
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=p.grad_accum // world, cpu=cpu,
+                      step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    if world > 1:  # the main process decides (the runner sees retries there); all follow it
+        resume = bool(broadcast_object_list([resume], from_process=0)[0])
+    if acc.is_main_process and not resume and workdir.exists():
+        shutil.rmtree(workdir)
+    if acc.is_main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
     scheduler = get_scheduler(p.lr_schedule, optimizer, num_warmup_steps=p.warmup_steps,
                               num_training_steps=p.steps)
     ema = EMAModel(model.parameters(), decay=p.ema_decay) if p.ema_decay > 0 else None
     state = LoopState()
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # The loss runs inside the wrapped module's forward, so under DDP the gradient sync sees the whole
+    # computation while loss_fn keeps the plain model (its attributes, its submodules' methods).
+    net = model
+    objective, optimizer, scheduler = acc.prepare(_Objective(net, loss_fn), optimizer, scheduler)
     if ema is not None:
         ema.to(acc.device)
         acc.register_for_checkpointing(ema)
@@ -146,22 +187,24 @@ def train(
         log.info("%s: resumed from %s (step %d of %d)", name, last, state.step, p.steps)
 
     bar = tqdm(total=p.steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not sys.stderr.isatty() or not acc.is_main_process)
     window: list[float] = []
     tick = time.time()
-    model.train()
+    objective.train()
     while state.step < p.steps:
         step = state.step
         step_loss = 0.0
         extras: dict[str, float] = {}
-        for micro in range(p.grad_accum):
+        for micro in range(acc.process_index, p.grad_accum, world):
             gen = step_generator(seed, step, micro)
             batch = batch_fn(step, micro, gen)
-            with acc.accumulate(model):
+            with acc.accumulate(objective):
                 with acc.autocast():
-                    loss, extra = loss_fn(model, batch, gen)
+                    loss, extra = objective(batch, gen)
                 value = float(loss.detach())
-                if not math.isfinite(value):
+                bad = value if world == 1 else float(acc.reduce(torch.tensor([value], device=acc.device),
+                                                                  "sum").item())
+                if not math.isfinite(bad):  # every process stops, none waits on a gradient all-reduce
                     done = checkpoints(workdir)
                     raise TrainingDiverged(
                         f"{name}: loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
@@ -169,15 +212,18 @@ def train(
                         "Lower the learning rate or check the inputs.")
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+                    acc.clip_grad_norm_(net.parameters(), p.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += value / p.grad_accum
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v / p.grad_accum
+        scheduler.step()
+        if world > 1:  # the logged loss is the global batch's
+            summed = acc.reduce(torch.tensor([step_loss, *extras.values()], device=acc.device), "sum").tolist()
+            step_loss, extras = summed[0], dict(zip(extras, summed[1:]))
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step(net.parameters())
         state.step += 1
         state.losses.append(step_loss)
         window.append(step_loss)
@@ -187,7 +233,7 @@ def train(
             mean = sum(window) / len(window)
             rate = len(window) / max(time.time() - tick, 1e-9)
             eta = (p.steps - state.step) / rate
-            if bar.disable:
+            if bar.disable and acc.is_main_process:
                 log.info("%s: step %d/%d loss %.4f  %.2f step/s  eta %.0fs", name, state.step, p.steps, mean, rate, eta)
             if on_metrics is not None:
                 key = name.split("@")[0]  # MLflow metric names allow no "@"; each round has its own run anyway
@@ -200,7 +246,7 @@ def train(
                 _save_checkpoint(acc, workdir, state.step, fingerprint, p.keep_checkpoints)
     bar.close()
 
-    final = acc.unwrap_model(model)
+    final = acc.unwrap_model(objective).model
     if ema is not None:
         ema.copy_to(final.parameters())
     final.eval()
