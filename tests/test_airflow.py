@@ -91,7 +91,10 @@ def test_kubernetes_pods_carry_gpus_volumes_secret_and_restricted_security(pods)
         stage = next(s for s in registry.STAGES if common.task_name(s.name) == task_id)
         assert pod["metadata"]["namespace"] == "ml"
         assert container["image"] == "registry.example/sd-distill:1.2"
-        assert container["command"] == ["sd-distill"]
+        if stage.resources.data_parallel:  # training stages: a process per GPU on the pod's node
+            assert container["command"] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sd_distill"]
+        else:
+            assert container["command"] == ["sd-distill"]
         args = container["args"]
         assert args[:2] == ["run", stage.name]
         assert args[args.index("--profile") + 1] == "sd15"
@@ -99,7 +102,7 @@ def test_kubernetes_pods_carry_gpus_volumes_secret_and_restricted_security(pods)
         assert args[args.index("--pipeline-run") + 1] == "airflow:manual__2026-11-24T00:00:00+00:00"
         limits = container["resources"]["limits"]
         if task_id in GPU_TASKS:
-            assert limits[common.GPU_RESOURCE] == "2"
+            assert limits[common.GPU_RESOURCE] == ("2" if stage.resources.data_parallel else "1")
             assert spec["nodeSelector"] == common.GPU_NODE_SELECTOR
             assert spec["tolerations"] == common.GPU_TOLERATIONS
         else:
@@ -126,4 +129,5 @@ def test_cpu_only_runs_ask_for_no_gpu_and_no_gpu_nodes(airflow):
     assert result["errors"] == {}
     for pod in result["pods"].values():
         assert common.GPU_RESOURCE not in pod["spec"]["containers"][0]["resources"]["limits"]
+        assert pod["spec"]["containers"][0]["command"] == ["sd-distill"]
         assert not pod["spec"].get("nodeSelector") and not pod["spec"].get("tolerations")

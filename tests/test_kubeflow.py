@@ -80,12 +80,12 @@ def test_every_stage_has_its_accelerator_volumes_secret_retries_and_cache(spec):
 
 
 def test_cache_key_inputs_are_upstream_fingerprints_not_run_ids(spec):
-    """A task's inputs: its stage, the run's profile/overrides/workdir and its upstream fingerprints."""
+    """A task's inputs: its stage, the run's profile/overrides/workdir/gpus and its upstream fingerprints."""
     tasks = spec[0]["root"]["dag"]["tasks"]
     for stage in registry.STAGES:
         params = tasks[common.task_name(stage.name)]["inputs"]["parameters"]
         named = {k for k in params if not k.startswith("pipelinechannel--") and k != "accelerator_count"}
-        assert named == {"stage", "profile", "overrides", "workdir", "upstream"}
+        assert named == {"stage", "profile", "overrides", "workdir", "upstream", "gpus"}
         assert "pipeline_job" not in json.dumps(params)  # nothing that changes from run to run
         ups = params["upstream"]["runtimeValue"]["constant"]
         assert sorted(ups) == sorted(f"{{{{$.inputs.parameters['pipelinechannel--{common.task_name(u)}-Output']}}}}"

@@ -150,3 +150,20 @@ def test_the_three_orchestrators_produce_the_same_metrics_keys(dvc_run, airflow_
     # same params, same deterministic training: the teacher scores the same under every orchestrator
     assert airflow_metrics["teacher"]["fid"] == pytest.approx(dvc_run["metrics"]["teacher"]["fid"])
     assert kfp_run["metrics"]["teacher"]["fid"] == pytest.approx(dvc_run["metrics"]["teacher"]["fid"])
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_gpus_go_to_training_stages_one_to_sampling_stages_none_to_the_rest(gpus):
+    for stage in registry.STAGES:
+        n, program = common.gpus_for(stage, gpus), common.launcher(stage, gpus)
+        if not common.uses_gpu(stage):
+            assert n == 0 and program == ["sd-distill"]
+        elif stage.resources.data_parallel:
+            assert n == gpus
+            assert program == (["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "sd_distill"]
+                               if gpus > 1 else ["sd-distill"])
+        else:
+            assert n == min(gpus, 1) and program == ["sd-distill"]
+    trainers = {s.name for s in registry.STAGES if s.resources.data_parallel}
+    assert trainers == {"teacher", "vpred", "guidance", "prune", "decoder",
+                        *(s.name for s in registry.STAGES if s.group == "halve")}

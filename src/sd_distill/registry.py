@@ -26,6 +26,7 @@ class Resources:
     cpu: str = "2"
     memory: str = "8Gi"
     gpus_sd15: int = 1  # the sd15 profile runs every model-touching stage on a GPU
+    data_parallel: bool = False  # trains with the training loop: runs on all the run's GPUs under torchrun
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Stage:
         return {**self.outputs, **self.metrics, **self.plots, **self.reports}
 
 
-MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # every stage that trains or samples a model
+MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # a stage that samples a model (one GPU)
+TRAIN_STAGE = Resources(cpu="4", memory="16Gi", data_parallel=True)  # a stage that trains one
 CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/models/parts.py",
                 "src/sd_distill/training")
 
@@ -73,7 +75,7 @@ def halving_rounds() -> tuple[Stage, ...]:
             inputs={"data": "data/prepared", "teacher": teacher},
             outputs={"model": f"models/steps-{n}"},
             code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
-            resources=MODEL_STAGE,
+            resources=TRAIN_STAGE,
         ))
         teacher = f"models/steps-{n}"
     return tuple(rounds)
@@ -96,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared"},
         outputs={"model": "models/teacher"},
         code=("src/sd_distill/stages/teacher.py", "src/sd_distill/models/tokenizer.py", *CODE_DISTILL),
-        resources=MODEL_STAGE,
+        resources=TRAIN_STAGE,
     ),
     Stage(
         name="vpred",
@@ -105,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "teacher": "models/teacher"},
         outputs={"model": "models/vpred"},
         code=("src/sd_distill/stages/vpred.py", *CODE_DISTILL),
-        resources=MODEL_STAGE,
+        resources=TRAIN_STAGE,
     ),
     Stage(
         name="guidance",
@@ -114,7 +116,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "vpred": "models/vpred"},
         outputs={"model": "models/guided"},
         code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
-        resources=MODEL_STAGE,
+        resources=TRAIN_STAGE,
     ),
     Stage(
         name="prune",
@@ -123,7 +125,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "guided": "models/guided"},
         outputs={"model": "models/pruned"},
         code=("src/sd_distill/stages/prune.py", "src/sd_distill/models/bk.py", *CODE_DISTILL),
-        resources=MODEL_STAGE,
+        resources=TRAIN_STAGE,
     ),
     *halving_rounds(),
     Stage(
@@ -134,7 +136,7 @@ STAGES: tuple[Stage, ...] = (
         outputs={"model": "models/decoder"},
         metrics={"metrics": "reports/decoder.json"},
         code=("src/sd_distill/stages/decoder.py", *CODE_DISTILL),
-        resources=MODEL_STAGE,
+        resources=TRAIN_STAGE,
     ),
     Stage(
         name="assemble",

@@ -64,6 +64,25 @@ def uses_gpu(stage: registry.Stage) -> bool:
     return stage.resources.gpus_sd15 > 0
 
 
+def gpus_for(stage: registry.Stage, gpus: int) -> int:
+    """GPUs a stage's pod gets from a run with ``gpus``: training stages all of them, sampling stages one."""
+    if not uses_gpu(stage):
+        return 0
+    return gpus if stage.resources.data_parallel else min(gpus, 1)
+
+
+def launcher(stage: registry.Stage, gpus: int) -> list[str]:
+    """The program that runs ``sd-distill`` args: itself, or torchrun with a process per GPU.
+
+    A training stage given several GPUs runs data-parallel on one node (``train.grad_accum`` must be a
+    multiple of the GPU count); for several nodes, hand the stage to the TrainJob in ``k8s/trainjob``.
+    """
+    n = gpus_for(stage, gpus)
+    if n > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={n}", "-m", "sd_distill"]
+    return ["sd-distill"]
+
+
 def stage_args(stage: str, *, profile: str, overrides: dict[str, Any], workdir: str,
                pipeline_run: str | None) -> list[str]:
     """Arguments of ``sd-distill`` that run ``stage`` for an orchestrator (the project is ``workdir``)."""
@@ -121,17 +140,30 @@ def fingerprint(stage: registry.Stage, workdir: Path, upstream: list[str]) -> st
     return h.hexdigest()
 
 
-def run_in_process(stage: str, profile: str, overrides: dict[str, Any], workdir: str, upstream: list[str]) -> str:
-    """Run one stage as a Kubeflow component does (the trainer image's Python); returns its fingerprint."""
+def run_component(stage: str, profile: str, overrides: dict[str, Any], workdir: str, upstream: list[str],
+                  gpus: int = 0) -> str:
+    """Run one stage as a Kubeflow component does (the trainer image's Python); returns its fingerprint.
+
+    In this process, or under torchrun when a training stage gets several GPUs.
+    """
+    import subprocess
+    import sys
+
     from sd_distill.cli import main
 
+    s = registry.get(stage)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     run = os.environ.get(PIPELINE_RUN_ENV)
     pipeline_run = f"kubeflow:{run}" if run else None
-    rc = main(stage_args(stage, profile=profile, overrides=overrides, workdir=workdir, pipeline_run=pipeline_run))
+    args = stage_args(stage, profile=profile, overrides=overrides, workdir=workdir, pipeline_run=pipeline_run)
+    program = launcher(s, gpus)
+    if program == ["sd-distill"]:
+        rc = main(args)
+    else:
+        rc = subprocess.call([str(Path(sys.executable).parent / program[0]), *program[1:], *args])
     if rc:
         raise SystemExit(rc)
-    return fingerprint(registry.get(stage), Path(workdir), upstream)
+    return fingerprint(s, Path(workdir), upstream)
 
 
 def export_model(stage: str, workdir: str, dest: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Kubeflow Pipelines v2: one lightweight Python component per registry stage and pipeline ``sd-distill``.
 
-Every component runs ``sd-distill run <stage>`` (in the trainer image's Python, through the CLI's ``main``)
-in the project folder ``workdir`` on the shared artifacts PVC, then returns a fingerprint: the sha256 of
+Every component runs ``sd-distill run <stage>`` (in the trainer image's Python, through the CLI's ``main``;
+under torchrun, a process per GPU, when a training stage gets ``gpus`` > 1) in the project folder
+``workdir`` on the shared artifacts PVC, then returns a fingerprint: the sha256 of
 what the stage produced and of its upstream fingerprints. Downstream components take their upstream
 fingerprints as an input, which gives the pipeline the registry's edges and keys Kubeflow's cache on the
 content of a stage's inputs as well as on the run's ``profile`` and ``overrides``.
@@ -30,30 +31,30 @@ PIPELINE_YAML = Path("components/sd_distill_pipeline.yaml")
 
 # The three shapes of a stage component. Their bodies run in the component's pod: they import sd-distill
 # from the image and nothing from this module (Kubeflow ships only the function's source).
-def sd_distill_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list) -> str:
+def sd_distill_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int) -> str:
     """Run one sd-distill stage in ``workdir``; returns the fingerprint of what it produced."""
-    from sd_distill.orchestrators.common import run_in_process
+    from sd_distill.orchestrators.common import run_component
 
-    return run_in_process(stage, profile, overrides, workdir, upstream)
+    return run_component(stage, profile, overrides, workdir, upstream, gpus)
 
 
-def sd_distill_model_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list,
+def sd_distill_model_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int,
                            model: Output[Model]) -> str:
     """Run the stage that makes the deliverable model and hand the folder out as a Model artifact."""
-    from sd_distill.orchestrators.common import export_model, run_in_process
+    from sd_distill.orchestrators.common import export_model, run_component
 
-    fingerprint = run_in_process(stage, profile, overrides, workdir, upstream)
+    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus)
     model.metadata.update(export_model(stage, workdir, model.path))
     model.metadata["fingerprint"] = fingerprint
     return fingerprint
 
 
-def sd_distill_metrics_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list,
+def sd_distill_metrics_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int,
                              metrics: Output[Metrics]) -> str:
     """Run a stage with metrics files and log every number in them to a Metrics artifact."""
-    from sd_distill.orchestrators.common import metric_values, run_in_process
+    from sd_distill.orchestrators.common import metric_values, run_component
 
-    fingerprint = run_in_process(stage, profile, overrides, workdir, upstream)
+    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus)
     for name, value in sorted(metric_values(stage, workdir).items()):
         metrics.log_metric(name, value)
     return fingerprint
@@ -126,7 +127,7 @@ def build(image: str = common.IMAGE):
         for stage in registry.STAGES:
             upstream = [tasks[name].outputs["Output"] for name in registry.upstream(stage)]
             task = components[stage.name](stage=stage.name, profile=profile, overrides=overrides,
-                                          workdir=workdir, upstream=upstream)
+                                          workdir=workdir, upstream=upstream, gpus=gpus)
             configure(task, stage, gpus=gpus, node_selector=node_selector, tolerations=tolerations)
             tasks[stage.name] = task
         student = next(t for n, t in tasks.items()
