@@ -20,6 +20,8 @@ stage resumes from its last checkpoint.
   for the sampling stages) with ``node_selector`` and ``tolerations``, the artifacts volume at
   /workspace, a memory-backed /dev/shm, MLflow's URI and credentials from the ``sd-distill-mlflow`` Secret,
   a restricted security context (non-root, read-only root, no capabilities), and the pod deleted when done.
+  With ``nodes`` > 1 a training stage goes to a Kubeflow Trainer TrainJob of ``nodes`` x ``gpus`` processes
+  instead (created, awaited and deleted by the task; see k8s/trainjob).
 
 Parsing this file imports the registry (no torch, no MLflow) and the Kubernetes provider; no network call.
 """
@@ -141,11 +143,26 @@ class StageOperator(KubernetesPodOperator):
             self._shape(context)
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
+    def build_trainjob_obj(self, context) -> dict:
+        """The TrainJob this task hands its stage to when the run has ``nodes`` > 1 (k8s/trainjob's shape)."""
+        params = context["params"]
+        run = f"airflow:{context['run_id']}"
+        return common.trainjob_manifest(
+            self.stage, name=common.trainjob_name(self.stage.name, run), namespace=params["namespace"],
+            image=params["image"], profile=params["profile"], overrides=params["overrides"],
+            workdir=params["workdir"] or common.WORKDIR, pipeline_run=run, nodes=params["nodes"],
+            gpus_per_node=params["gpus"], node_selector=params["node_selector"], tolerations=params["tolerations"])
+
     # -- running ------------------------------------------------------------------------------------------
     def execute(self, context):
-        if context["params"]["mode"] == "kubernetes":
-            return super().execute(context)
-        return self._execute_local(context)
+        params = context["params"]
+        if params["mode"] == "local":
+            return self._execute_local(context)
+        if common.hands_off(self.stage, params["nodes"]):
+            # needs RBAC on trainjobs for the launcher: kubectl apply -k k8s/trainjob-launcher
+            return common.run_trainjob(self.hook.custom_object_client, self.build_trainjob_obj(context),
+                                       say=self.log.info)
+        return super().execute(context)
 
     def _execute_local(self, context) -> None:
         params = context["params"]

@@ -94,6 +94,8 @@ def pods(conf: dict) -> dict:
     import kubernetes_validate
     from kubernetes.client import ApiClient
 
+    from sd_distill.orchestrators import common
+
     bag, _ = load_dag()
     dag = bag.dags["sd_distill"]
     params = copy.deepcopy(dag.params)
@@ -111,7 +113,13 @@ def pods(conf: dict) -> dict:
         except kubernetes_validate.ValidationError as exc:
             errors[task.task_id] = str(exc)
         out[task.task_id] = pod
-    return {"pods": out, "errors": errors, "kubernetes_version": version}
+    trainjobs = {}
+    if values["nodes"] > 1:  # what the training tasks hand to the Kubeflow Trainer instead of a pod
+        for task in dag.tasks:
+            if common.hands_off(task.stage, values["nodes"]):
+                trainjobs[task.task_id] = task.build_trainjob_obj(
+                    {"params": values, "run_id": "manual__2026-11-24T00:00:00+00:00"})
+    return {"pods": out, "errors": errors, "kubernetes_version": version, "trainjobs": trainjobs}
 
 
 if __name__ == "__main__":

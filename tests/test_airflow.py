@@ -131,3 +131,18 @@ def test_cpu_only_runs_ask_for_no_gpu_and_no_gpu_nodes(airflow):
         assert common.GPU_RESOURCE not in pod["spec"]["containers"][0]["resources"]["limits"]
         assert pod["spec"]["containers"][0]["command"] == ["sd-distill"]
         assert not pod["spec"].get("nodeSelector") and not pod["spec"].get("tolerations")
+
+
+def test_a_multi_node_run_hands_each_training_stage_to_a_trainjob(airflow):
+    result = airflow("pods", {"mode": "kubernetes", "profile": "sd15", "gpus": 4, "nodes": 2,
+                              "namespace": "ml", "image": "registry.example/sd-distill:1.2"})
+    trainers = {common.task_name(s.name) for s in registry.STAGES if s.resources.data_parallel}
+    assert set(result["trainjobs"]) == trainers
+    for task_id, job in result["trainjobs"].items():
+        stage = next(s for s in registry.STAGES if common.task_name(s.name) == task_id)
+        trainer = job["spec"]["trainer"]
+        assert job["kind"] == "TrainJob" and job["metadata"]["namespace"] == "ml"
+        assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (
+            2, 4, "registry.example/sd-distill:1.2")
+        assert trainer["command"][:5] == ["torchrun", "--no-python", "sd-distill", "run", stage.name]
+        assert "airflow:manual__2026-11-24T00:00:00+00:00" in trainer["command"]

@@ -685,3 +685,60 @@ def test_readme_trainjob_patch_changes_stage_nodes_and_gpus(tmp_path):
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     assert trainer["resourcesPerNode"]["limits"][common.GPU_RESOURCE] == "8"
     assert key == "vpred.train.grad_accum" and grad_accum % 32 == 0
+
+
+# -- the opt-in RBAC for multi-node hand-off, and the TrainJob the orchestrators build ---------------------
+
+def test_trainjob_launcher_rbac_grants_trainjobs_only_to_the_launcher(tmp_path):
+    objs = docs("trainjob-launcher")
+    rendered = tmp_path / "rbac.yaml"
+    rendered.write_text(yaml.safe_dump_all(objs, sort_keys=False))
+    out = subprocess.run([lint_tool("kubernetes-validate"), "--strict", "--kubernetes-version", K8S_VERSION,
+                          str(rendered)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    role = one(objs, "Role", "sd-distill-trainjob-launcher")
+    assert role["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                              "verbs": ["create", "get", "list", "watch", "delete"]}]
+    binding = one(objs, "RoleBinding", "sd-distill-trainjob-launcher")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sd-distill-launcher",
+                                    "namespace": "sd-distill"}]
+
+
+def test_the_orchestrators_trainjob_has_the_committed_trainjobs_shape_and_a_valid_pod(tmp_path):
+    (committed,) = docs("trainjob")
+    stage = registry.get("halve@8")
+    built = common.trainjob_manifest(
+        stage, name="sd-distill-halve-8-x", namespace="sd-distill", image="ghcr.io/sd-distill/trainer:0.1.0",
+        profile="sd15", overrides={"halve.train.grad_accum": 8}, workdir=common.WORKDIR, pipeline_run="airflow:r",
+        nodes=2, gpus_per_node=4, node_selector=common.GPU_NODE_SELECTOR, tolerations=common.GPU_TOLERATIONS)
+    for key in ("apiVersion", "kind"):
+        assert built[key] == committed[key]
+    assert built["spec"]["runtimeRef"] == committed["spec"]["runtimeRef"]
+    trainer, theirs = built["spec"]["trainer"], committed["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 4)
+    assert trainer["resourcesPerNode"]["limits"][common.GPU_RESOURCE] == "4"
+    assert trainer["command"][:5] == ["torchrun", "--no-python", "sd-distill", "run", "halve@8"]
+    assert theirs["command"][:3] == trainer["command"][:3]
+    cmd = trainer["command"]
+    assert cmd[cmd.index("--params") + 1] == f"{common.WORKDIR}/params.yaml"
+    assert cmd[cmd.index("--profile") + 1] == "sd15" and cmd[cmd.index("--pipeline-run") + 1] == "airflow:r"
+    assert json.loads(cmd[cmd.index("--overrides") + 1]) == {"halve.train.grad_accum": 8}
+    env = env_of(trainer)
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == common.MLFLOW_SECRET
+    (mine,) = trainjob_replicated_jobs(built)
+    (ref,) = trainjob_replicated_jobs(committed)
+    assert mine["name"] == ref["name"]
+    pod, ref_pod = mine["template"]["spec"]["template"], ref["template"]["spec"]["template"]
+    assert pod["spec"]["containers"][0]["name"] == ref_pod["spec"]["containers"][0]["name"]
+    assert pod["spec"]["containers"][0]["securityContext"] == ref_pod["spec"]["containers"][0]["securityContext"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "sd-distill"  # MLflow admits it
+    # the merged pod the Trainer would create, checked like any other
+    spec = json.loads(json.dumps(pod["spec"]))
+    spec["containers"][0].update(image=trainer["image"], command=trainer["command"], env=trainer["env"],
+                                 resources=trainer["resourcesPerNode"])
+    merged = tmp_path / "pod.yaml"
+    merged.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node-0"},
+                                      "spec": spec}))
+    out = subprocess.run([lint_tool("kubernetes-validate"), "--strict", "--kubernetes-version", K8S_VERSION,
+                          str(merged)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -40,8 +40,8 @@ def test_compiled_pipeline_reloads_with_the_registrys_tasks_and_params():
 
     loaded = components.load_component_from_file(str(COMPILED))
     assert loaded.name == "sd-distill"
-    assert set(loaded.component_spec.inputs) == {"profile", "overrides", "workdir", "gpus", "node_selector",
-                                                 "tolerations"}
+    assert set(loaded.component_spec.inputs) == {"profile", "overrides", "workdir", "gpus", "nodes",
+                                                 "node_selector", "tolerations"}
     assert set(loaded.component_spec.outputs) == {"student", "metrics"}
 
 
@@ -74,7 +74,12 @@ def test_every_stage_has_its_accelerator_volumes_secret_retries_and_cache(spec):
                                                                                      "/tmp": None}
         assert conf["secretAsEnv"][0]["secretName"] == common.MLFLOW_SECRET
         assert conf["securityContext"]["runAsNonRoot"] is True
-        assert conf["fieldPathAsEnv"][0]["name"] == common.PIPELINE_RUN_ENV
+        fields = {f["name"]: f["fieldPath"] for f in conf["fieldPathAsEnv"]}
+        assert fields[common.PIPELINE_RUN_ENV] == common.ARGO_WORKFLOW_FIELD
+        if stage.resources.data_parallel:  # can start a TrainJob like itself on nodes > 1
+            assert fields[common.NAMESPACE_ENV] == "metadata.namespace"
+            env_values = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env_values[common.IMAGE_ENV] == common.IMAGE
         env = {e["name"] for e in container.get("env", [])}
         assert "MLFLOW_TRACKING_URI" not in env  # from the Secret only
 
@@ -85,7 +90,7 @@ def test_cache_key_inputs_are_upstream_fingerprints_not_run_ids(spec):
     for stage in registry.STAGES:
         params = tasks[common.task_name(stage.name)]["inputs"]["parameters"]
         named = {k for k in params if not k.startswith("pipelinechannel--") and k != "accelerator_count"}
-        assert named == {"stage", "profile", "overrides", "workdir", "upstream", "gpus"}
+        assert named == {"stage", "profile", "overrides", "workdir", "upstream", "gpus", "nodes"}
         assert "pipeline_job" not in json.dumps(params)  # nothing that changes from run to run
         ups = params["upstream"]["runtimeValue"]["constant"]
         assert sorted(ups) == sorted(f"{{{{$.inputs.parameters['pipelinechannel--{common.task_name(u)}-Output']}}}}"

@@ -167,3 +167,67 @@ def test_gpus_go_to_training_stages_one_to_sampling_stages_none_to_the_rest(gpus
     trainers = {s.name for s in registry.STAGES if s.resources.data_parallel}
     assert trainers == {"teacher", "vpred", "guidance", "prune", "decoder",
                         *(s.name for s in registry.STAGES if s.group == "halve")}
+
+
+class FakeTrainJobs:
+    """Stands in for the Kubernetes API server's TrainJob endpoint (no cluster here): records calls."""
+
+    def __init__(self, states, exists=False):
+        self.states, self.exists, self.calls = list(states), exists, []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("create", namespace, body["metadata"]["name"]))
+        if self.exists:
+            raise ApiException(status=409, reason="AlreadyExists")
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.append(("get", namespace, name))
+        state = self.states.pop(0)
+        return {"status": {"conditions": [{"type": state, "status": "True", "message": f"{state} message"}]}
+                if state else {}}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.append(("delete", namespace, name))
+
+
+def trainjob(nodes=2):
+    return common.trainjob_manifest(
+        registry.get("halve@8"), name=common.trainjob_name("halve@8", "airflow:r1"), namespace="ml",
+        image="img:1", profile="sd15", overrides={}, workdir=common.WORKDIR, pipeline_run="airflow:r1",
+        nodes=nodes, gpus_per_node=4, node_selector=common.GPU_NODE_SELECTOR, tolerations=common.GPU_TOLERATIONS)
+
+
+def test_trainjob_hand_off_waits_for_completion_then_deletes_it():
+    api = FakeTrainJobs([None, "Created", "Complete"])
+    common.run_trainjob(api, trainjob(), poll_s=0)
+    name = trainjob()["metadata"]["name"]
+    assert api.calls[0] == ("create", "ml", name) and api.calls[-1] == ("delete", "ml", name)
+    assert [c[0] for c in api.calls].count("get") == 3
+
+
+def test_a_failed_trainjob_fails_the_task_with_the_trainers_message_and_is_deleted():
+    api = FakeTrainJobs(["Failed"])
+    with pytest.raises(RuntimeError, match="TrainJob ml/sd-distill-halve-8-.* failed: Failed message"):
+        common.run_trainjob(api, trainjob(), poll_s=0)
+    assert api.calls[-1][0] == "delete"
+
+
+def test_a_retry_adopts_the_trainjob_its_first_try_started():
+    api = FakeTrainJobs(["Complete"], exists=True)
+    common.run_trainjob(api, trainjob(), poll_s=0)
+    assert [c[0] for c in api.calls] == ["create", "get", "delete"]
+
+
+def test_only_training_stages_of_multi_node_runs_are_handed_off():
+    assert common.trainjob_name("halve@8", "airflow:r1") == common.trainjob_name("halve@8", "airflow:r1")
+    assert common.trainjob_name("halve@8", "airflow:r1") != common.trainjob_name("halve@8", "airflow:r2")
+    assert len(common.trainjob_name("halve@32", "x" * 300)) <= 63
+    for stage in registry.STAGES:
+        assert common.hands_off(stage, 1) is False
+        assert common.hands_off(stage, 2) is stage.resources.data_parallel
+    with pytest.raises(ValueError, match="does not run as a TrainJob"):
+        common.trainjob_manifest(registry.get("evaluate"), name="x", namespace="ml", image="i", profile="tiny",
+                                 overrides={}, workdir="/w", pipeline_run=None, nodes=2, gpus_per_node=1,
+                                 node_selector={}, tolerations=[])

@@ -51,6 +51,9 @@ CACHE_ENV = {
 # What a run hands its user: surfaced by Kubeflow as the pipeline's Output[Model] and Output[Metrics].
 DELIVERABLES = {"student": "models/student", "metrics": "reports/metrics.json"}
 PIPELINE_RUN_ENV = "SD_DISTILL_PIPELINE_RUN"
+# what a Kubeflow component needs to start a TrainJob like itself (set on its pod)
+NAMESPACE_ENV, IMAGE_ENV = "SD_DISTILL_NAMESPACE", "SD_DISTILL_IMAGE"
+NODE_SELECTOR_ENV, TOLERATIONS_ENV = "SD_DISTILL_NODE_SELECTOR", "SD_DISTILL_TOLERATIONS"
 ARGO_WORKFLOW_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"  # a Kubeflow run's pods carry it
 
 
@@ -105,7 +108,11 @@ PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
     "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                   "description": "Kubernetes namespace of the stage pods (kubernetes mode)"},
     "gpus": {"type": "integer", "minimum": 0, "maximum": 8,
-             "description": "GPUs per model stage (kubernetes mode); 0 runs on CPU nodes"},
+             "description": "GPUs per node for training stages, one for sampling stages (kubernetes mode); "
+                            "0 runs on CPU nodes"},
+    "nodes": {"type": "integer", "minimum": 1, "maximum": 64,
+              "description": "nodes per training stage (kubernetes mode): above 1 each training stage runs as "
+                             "a Kubeflow Trainer TrainJob of nodes x gpus processes"},
     "workdir": {"type": ["null", "string"],
                 "description": "project folder; default: the artifacts volume's sd-distill/ (kubernetes) or "
                                "$SD_DISTILL_PROJECT, else the checkout holding dags/ (local)"},
@@ -116,6 +123,7 @@ PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 PARAM_DEFAULTS: dict[str, Any] = {
     "profile": "tiny", "overrides": {}, "mode": "local", "image": IMAGE, "namespace": "sd-distill", "gpus": 1,
+    "nodes": 1,
     "workdir": None, "node_selector": GPU_NODE_SELECTOR, "tolerations": GPU_TOLERATIONS,
 }
 
@@ -141,10 +149,11 @@ def fingerprint(stage: registry.Stage, workdir: Path, upstream: list[str]) -> st
 
 
 def run_component(stage: str, profile: str, overrides: dict[str, Any], workdir: str, upstream: list[str],
-                  gpus: int = 0) -> str:
+                  gpus: int = 0, nodes: int = 1) -> str:
     """Run one stage as a Kubeflow component does (the trainer image's Python); returns its fingerprint.
 
-    In this process, or under torchrun when a training stage gets several GPUs.
+    In this process, under torchrun when a training stage gets several GPUs, or as a TrainJob on several
+    nodes (the component's service account needs RBAC for trainjobs.trainer.kubeflow.org).
     """
     import subprocess
     import sys
@@ -157,7 +166,19 @@ def run_component(stage: str, profile: str, overrides: dict[str, Any], workdir: 
     pipeline_run = f"kubeflow:{run}" if run else None
     args = stage_args(stage, profile=profile, overrides=overrides, workdir=workdir, pipeline_run=pipeline_run)
     program = launcher(s, gpus)
-    if program == ["sd-distill"]:
+    if hands_off(s, nodes):
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        body = trainjob_manifest(
+            s, name=trainjob_name(stage, pipeline_run or "kubeflow"), namespace=os.environ[NAMESPACE_ENV],
+            image=os.environ[IMAGE_ENV], profile=profile, overrides=overrides, workdir=workdir,
+            pipeline_run=pipeline_run, nodes=nodes, gpus_per_node=gpus,
+            node_selector=json.loads(os.environ.get(NODE_SELECTOR_ENV, "{}")),
+            tolerations=json.loads(os.environ.get(TOLERATIONS_ENV, "[]")))
+        run_trainjob(client.CustomObjectsApi(), body)
+        rc = 0
+    elif program == ["sd-distill"]:
         rc = main(args)
     else:
         rc = subprocess.call([str(Path(sys.executable).parent / program[0]), *program[1:], *args])
@@ -188,3 +209,116 @@ def metric_values(stage: str, workdir: str) -> dict[str, float]:
     for rel in registry.get(stage).metrics.values():
         walk(json.loads((Path(workdir) / rel).read_text()), "")
     return out
+
+
+# -- several nodes: hand a training stage to a Kubeflow Trainer TrainJob (k8s/trainjob) ---------------------
+
+TRAINJOB_API = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+TRAINJOB_RUNTIME = "torch-distributed"
+TRAINJOB_POLL_S = 30
+
+
+def hands_off(stage: registry.Stage, nodes: int) -> bool:
+    """A training stage of a run across several nodes goes to a TrainJob; everything else runs in one pod."""
+    return nodes > 1 and stage.resources.data_parallel
+
+
+def trainjob_manifest(stage: registry.Stage, *, name: str, namespace: str, image: str, profile: str,
+                      overrides: dict[str, Any], workdir: str, pipeline_run: str | None, nodes: int,
+                      gpus_per_node: int, node_selector: dict[str, str],
+                      tolerations: list[dict[str, Any]]) -> dict[str, Any]:
+    """The TrainJob that runs ``stage`` on ``nodes`` x ``gpus_per_node`` processes: k8s/trainjob's shape.
+
+    Each node runs ``torchrun --no-python sd-distill run ...`` (torchrun reads the rendezvous the Trainer
+    sets in ``PET_*``); the pods get what a stage pod gets: the volumes, the MLflow Secret, the restricted
+    security context, the GPU node selector and tolerations.
+    """
+    if not hands_off(stage, nodes):
+        raise ValueError(f"stage {stage.name} does not run as a TrainJob with {nodes} node(s)")
+    r = stage.resources
+    per_node = {"cpu": r.cpu, "memory": r.memory, **({GPU_RESOURCE: str(gpus_per_node)} if gpus_per_node else {})}
+    env = [{"name": k, "value": v} for k, v in CACHE_ENV.items()]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": MLFLOW_SECRET, "key": k, "optional": optional}}}
+            for keys, optional in ((MLFLOW_SECRET_REQUIRED, False), (MLFLOW_SECRET_OPTIONAL, True)) for k in keys]
+    labels = {"app.kubernetes.io/name": "sd-distill", "app.kubernetes.io/component": "trainjob",
+              "sd-distill/stage": task_name(stage.name)}
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                                "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}},
+            **({"nodeSelector": dict(node_selector), "tolerations": list(tolerations)} if gpus_per_node else {}),
+            "volumes": [
+                {"name": "artifacts", "persistentVolumeClaim": {"claimName": ARTIFACTS_PVC}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_LIMIT}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+            "containers": [{
+                "name": "node",
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT},
+                                 {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
+            }],
+        },
+    }
+    args = stage_args(stage.name, profile=profile, overrides=overrides, workdir=workdir, pipeline_run=pipeline_run)
+    return {
+        "apiVersion": f"{TRAINJOB_API[0]}/{TRAINJOB_API[1]}",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINJOB_API[0], "kind": "ClusterTrainingRuntime", "name": TRAINJOB_RUNTIME},
+            "trainer": {"image": image, "numNodes": nodes, "numProcPerNode": max(gpus_per_node, 1),
+                        "resourcesPerNode": {"requests": per_node, "limits": per_node},
+                        "command": ["torchrun", "--no-python", "sd-distill", *args], "env": env},
+            "runtimePatches": [{"manager": "sd-distill", "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": "node", "template": {"spec": {"template": pod}}}]}}}}],
+        },
+    }
+
+
+def trainjob_name(stage: str, run: str) -> str:
+    """A DNS-1123 name, unique per stage and run (a retry of the run reuses it)."""
+    digest = hashlib.sha256(f"{stage} {run}".encode()).hexdigest()[:10]
+    return f"sd-distill-{task_name(stage)}-{digest}"[:63]
+
+
+def run_trainjob(api, body: dict[str, Any], *, poll_s: float = TRAINJOB_POLL_S, say=log.info) -> None:
+    """Create the TrainJob (or adopt it, on a retry), wait for Complete or Failed, then delete it.
+
+    ``api`` is a ``kubernetes.client.CustomObjectsApi``. Raises ``RuntimeError`` naming the TrainJob and
+    the Trainer's message when it fails.
+    """
+    import time
+
+    from kubernetes.client.exceptions import ApiException
+
+    group, version, plural = TRAINJOB_API
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    try:
+        api.create_namespaced_custom_object(group, version, namespace, plural, body)
+        say("created TrainJob %s/%s (%d nodes)", namespace, name, body["spec"]["trainer"]["numNodes"])
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        say("TrainJob %s/%s exists (a retry of this run): waiting for it", namespace, name)
+    try:
+        while True:
+            job = api.get_namespaced_custom_object(group, version, namespace, plural, name)
+            conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
+            if conditions.get("Complete", {}).get("status") == "True":
+                say("TrainJob %s/%s complete", namespace, name)
+                return
+            if conditions.get("Failed", {}).get("status") == "True":
+                raise RuntimeError(f"TrainJob {namespace}/{name} failed: "
+                                   f"{conditions['Failed'].get('message') or conditions['Failed'].get('reason')}")
+            time.sleep(poll_s)
+    finally:
+        try:
+            api.delete_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -16,6 +16,7 @@ returns the student and the evaluation's metrics.
 
 # no `from __future__ import annotations`: kfp reads the components' annotations as types
 import copy
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,30 +32,31 @@ PIPELINE_YAML = Path("components/sd_distill_pipeline.yaml")
 
 # The three shapes of a stage component. Their bodies run in the component's pod: they import sd-distill
 # from the image and nothing from this module (Kubeflow ships only the function's source).
-def sd_distill_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int) -> str:
+def sd_distill_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int,
+                     nodes: int) -> str:
     """Run one sd-distill stage in ``workdir``; returns the fingerprint of what it produced."""
     from sd_distill.orchestrators.common import run_component
 
-    return run_component(stage, profile, overrides, workdir, upstream, gpus)
+    return run_component(stage, profile, overrides, workdir, upstream, gpus, nodes)
 
 
 def sd_distill_model_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int,
-                           model: Output[Model]) -> str:
+                           nodes: int, model: Output[Model]) -> str:
     """Run the stage that makes the deliverable model and hand the folder out as a Model artifact."""
     from sd_distill.orchestrators.common import export_model, run_component
 
-    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus)
+    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus, nodes)
     model.metadata.update(export_model(stage, workdir, model.path))
     model.metadata["fingerprint"] = fingerprint
     return fingerprint
 
 
 def sd_distill_metrics_stage(stage: str, profile: str, overrides: dict, workdir: str, upstream: list, gpus: int,
-                             metrics: Output[Metrics]) -> str:
+                             nodes: int, metrics: Output[Metrics]) -> str:
     """Run a stage with metrics files and log every number in them to a Metrics artifact."""
     from sd_distill.orchestrators.common import metric_values, run_component
 
-    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus)
+    fingerprint = run_component(stage, profile, overrides, workdir, upstream, gpus, nodes)
     for name, value in sorted(metric_values(stage, workdir).items()):
         metrics.log_metric(name, value)
     return fingerprint
@@ -78,7 +80,7 @@ def component_for(stage: registry.Stage, image: str = common.IMAGE):
     return comp
 
 
-def configure(task, stage: registry.Stage, *, gpus, node_selector, tolerations) -> None:
+def configure(task, stage: registry.Stage, *, gpus, node_selector, tolerations, image: str) -> None:
     """The pod a stage runs in: resources, GPUs, volumes, MLflow Secret, security context, retries, cache."""
     r = stage.resources
     task.set_display_name(stage.name)
@@ -104,6 +106,11 @@ def configure(task, stage: registry.Stage, *, gpus, node_selector, tolerations) 
     # the cache key: the Argo workflow behind a Kubeflow run labels all its pods, retries included, with its
     # name. A retry of the same run resumes from the stage's checkpoint. (kfp.local sets no such label.)
     kubernetes.use_field_path_as_env(task, env_name=common.PIPELINE_RUN_ENV, field_path=common.ARGO_WORKFLOW_FIELD)
+    if stage.resources.data_parallel:  # what it takes to start a TrainJob like itself when nodes > 1
+        kubernetes.use_field_path_as_env(task, env_name=common.NAMESPACE_ENV, field_path="metadata.namespace")
+        task.set_env_variable(common.IMAGE_ENV, image)
+        task.set_env_variable(common.NODE_SELECTOR_ENV, json.dumps(common.GPU_NODE_SELECTOR))
+        task.set_env_variable(common.TOLERATIONS_ENV, json.dumps(common.GPU_TOLERATIONS))
     task.set_retry(num_retries=common.RETRIES, backoff_duration=f"{common.RETRY_DELAY_S}s", backoff_factor=2.0)
     task.set_caching_options(enable_caching=True)
 
@@ -120,6 +127,7 @@ def build(image: str = common.IMAGE):
         overrides: dict = {},  # noqa: B006  (kfp reads the default; it is never mutated)
         workdir: str = common.WORKDIR,
         gpus: int = common.PARAM_DEFAULTS["gpus"],
+        nodes: int = common.PARAM_DEFAULTS["nodes"],
         node_selector: dict = common.GPU_NODE_SELECTOR,
         tolerations: list = common.GPU_TOLERATIONS,
     ) -> Outputs:
@@ -127,8 +135,8 @@ def build(image: str = common.IMAGE):
         for stage in registry.STAGES:
             upstream = [tasks[name].outputs["Output"] for name in registry.upstream(stage)]
             task = components[stage.name](stage=stage.name, profile=profile, overrides=overrides,
-                                          workdir=workdir, upstream=upstream, gpus=gpus)
-            configure(task, stage, gpus=gpus, node_selector=node_selector, tolerations=tolerations)
+                                          workdir=workdir, upstream=upstream, gpus=gpus, nodes=nodes)
+            configure(task, stage, gpus=gpus, node_selector=node_selector, tolerations=tolerations, image=image)
             tasks[stage.name] = task
         student = next(t for n, t in tasks.items()
                        if common.DELIVERABLES["student"] in registry.get(n).outputs.values())
