@@ -278,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sd_distill.errors import UserError
+    from sd_distill.errors import Preempted, UserError
 
     try:
         return COMMANDS[args.command](args)
+    except Preempted as exc:
+        print(f"sd-distill {args.command}: {exc}", file=sys.stderr)
+        return Preempted.EXIT_CODE
     except (UserError, FileNotFoundError) as exc:
         if args.verbose:
             raise

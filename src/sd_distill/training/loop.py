@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from sd_distill.errors import UserError
+from sd_distill.errors import Preempted, UserError
 from sd_distill.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,29 @@ def world_size() -> int:
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class StopOnSigterm:
+    """While active, SIGTERM (a preempted node, an orchestrator's kill) only sets ``requested``; the loop
+    checks it at each step boundary. Outside the main thread (where no handler can be set) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            log.warning("SIGTERM: stopping after this step, with a checkpoint")
+        self.requested = True
+
+    def __enter__(self) -> "StopOnSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _Objective(torch.nn.Module):
@@ -191,60 +216,72 @@ def train(
     window: list[float] = []
     tick = time.time()
     objective.train()
-    while state.step < p.steps:
-        step = state.step
-        step_loss = 0.0
-        extras: dict[str, float] = {}
-        for micro in range(acc.process_index, p.grad_accum, world):
-            gen = step_generator(seed, step, micro)
-            batch = batch_fn(step, micro, gen)
-            with acc.accumulate(objective):
-                with acc.autocast():
-                    loss, extra = objective(batch, gen)
-                value = float(loss.detach())
-                bad = value if world == 1 else float(acc.reduce(torch.tensor([value], device=acc.device),
-                                                                  "sum").item())
-                if not math.isfinite(bad):  # every process stops, none waits on a gradient all-reduce
-                    done = checkpoints(workdir)
-                    raise TrainingDiverged(
-                        f"{name}: loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
-                        f"the optimizer step. Last good checkpoint: {done[-1] if done else 'none yet'}. "
-                        "Lower the learning rate or check the inputs.")
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(net.parameters(), p.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += value / p.grad_accum
-            for k, v in extra.items():
-                extras[k] = extras.get(k, 0.0) + v / p.grad_accum
-        scheduler.step()
-        if world > 1:  # the logged loss is the global batch's
-            summed = acc.reduce(torch.tensor([step_loss, *extras.values()], device=acc.device), "sum").tolist()
-            step_loss, extras = summed[0], dict(zip(extras, summed[1:]))
-        if ema is not None:
-            ema.step(net.parameters())
-        state.step += 1
-        state.losses.append(step_loss)
-        window.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if state.step % p.log_every == 0 or state.step == p.steps:
-            mean = sum(window) / len(window)
-            rate = len(window) / max(time.time() - tick, 1e-9)
-            eta = (p.steps - state.step) / rate
-            if bar.disable and acc.is_main_process:
-                log.info("%s: step %d/%d loss %.4f  %.2f step/s  eta %.0fs", name, state.step, p.steps, mean, rate, eta)
-            if on_metrics is not None:
-                key = name.split("@")[0]  # MLflow metric names allow no "@"; each round has its own run anyway
-                on_metrics({f"{key}/loss": mean, f"{key}/lr": scheduler.get_last_lr()[0],
-                            **{f"{key}/{k}": v for k, v in extras.items()}}, state.step)
-            window, tick = [], time.time()
-        if state.step % p.checkpoint_every == 0 or state.step == p.steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                _save_checkpoint(acc, workdir, state.step, fingerprint, p.keep_checkpoints)
-    bar.close()
+    with StopOnSigterm() as sigterm:  # stop at a step boundary, checkpoint saved
+        while state.step < p.steps:
+            step = state.step
+            step_loss = 0.0
+            extras: dict[str, float] = {}
+            for micro in range(acc.process_index, p.grad_accum, world):
+                gen = step_generator(seed, step, micro)
+                batch = batch_fn(step, micro, gen)
+                with acc.accumulate(objective):
+                    with acc.autocast():
+                        loss, extra = objective(batch, gen)
+                    value = float(loss.detach())
+                    bad = value if world == 1 else float(acc.reduce(torch.tensor([value], device=acc.device),
+                                                                      "sum").item())
+                    if not math.isfinite(bad):  # every process stops, none waits on a gradient all-reduce
+                        done = checkpoints(workdir)
+                        raise TrainingDiverged(
+                            f"{name}: loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
+                            f"the optimizer step. Last good checkpoint: {done[-1] if done else 'none yet'}. "
+                            "Lower the learning rate or check the inputs.")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(net.parameters(), p.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += value / p.grad_accum
+                for k, v in extra.items():
+                    extras[k] = extras.get(k, 0.0) + v / p.grad_accum
+            scheduler.step()
+            if world > 1:  # the logged loss is the global batch's
+                summed = acc.reduce(torch.tensor([step_loss, *extras.values()], device=acc.device), "sum").tolist()
+                step_loss, extras = summed[0], dict(zip(extras, summed[1:]))
+            if ema is not None:
+                ema.step(net.parameters())
+            state.step += 1
+            state.losses.append(step_loss)
+            window.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if state.step % p.log_every == 0 or state.step == p.steps:
+                mean = sum(window) / len(window)
+                rate = len(window) / max(time.time() - tick, 1e-9)
+                eta = (p.steps - state.step) / rate
+                if bar.disable and acc.is_main_process:
+                    log.info("%s: step %d/%d loss %.4f  %.2f step/s  eta %.0fs", name, state.step, p.steps, mean,
+                             rate, eta)
+                if on_metrics is not None:
+                    key = name.split("@")[0]  # MLflow metric names allow no "@"; each round has its own run anyway
+                    on_metrics({f"{key}/loss": mean, f"{key}/lr": scheduler.get_last_lr()[0],
+                                **{f"{key}/{k}": v for k, v in extras.items()}}, state.step)
+                window, tick = [], time.time()
+            stop = sigterm.requested
+            if world > 1:  # every process stops at the same step, or the others would wait in an all-reduce
+                stop = bool(acc.reduce(torch.tensor([float(stop)], device=acc.device), "sum").item())
+            if state.step % p.checkpoint_every == 0 or state.step == p.steps or stop:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    _save_checkpoint(acc, workdir, state.step, fingerprint, p.keep_checkpoints)
+                acc.wait_for_everyone()
+            if stop and state.step < p.steps:
+                bar.close()
+                saved = workdir / f"step-{state.step:07d}"
+                raise Preempted(f"{name}: stopped by SIGTERM after step {state.step} of {p.steps}; checkpoint "
+                                f"{saved} saved. Rerun with --resume (an orchestrator's retry of the same run "
+                                "does) to continue from it.")
+        bar.close()
 
     final = acc.unwrap_model(objective).model
     if ema is not None:
