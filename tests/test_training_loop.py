@@ -1,8 +1,10 @@
+import shutil
+
 import pytest
 import torch
 
 from sd_distill.params import TrainParams
-from sd_distill.training.loop import CheckpointMismatch, TrainingDiverged, checkpoints, train
+from sd_distill.training.loop import CheckpointMismatch, CorruptCheckpoint, TrainingDiverged, checkpoints, train
 
 X = torch.linspace(-1, 1, 256).unsqueeze(1)
 Y = torch.sin(3 * X)
@@ -96,3 +98,68 @@ def test_fresh_run_clears_old_checkpoints(tmp_path):
     (tmp_path / "step-0000099").mkdir()
     train(toy_model(), mse, batch_fn, PARAMS.model_copy(update={"steps": 4}), tmp_path, seed=0)
     assert [p.name for p in tmp_path.iterdir()] == ["step-0000004"]
+
+
+# -- checkpoints that cannot be half-written ----------------------------------------------------------------
+
+def stopped_run(tmp_path):
+    """A run that crashed at step 10: complete checkpoints at steps 4 and 8."""
+    calls = {"n": 0}
+
+    def crashing(model, batch, gen):
+        calls["n"] += 1
+        if calls["n"] == 2 * 9 + 1:
+            raise RuntimeError("simulated crash")
+        return mse(model, batch, gen)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(toy_model(), crashing, batch_fn, PARAMS, tmp_path, seed=7)
+    return checkpoints(tmp_path)
+
+
+def test_the_completion_marker_holds_every_files_sha256(tmp_path):
+    import hashlib
+    import json
+
+    last = stopped_run(tmp_path)[-1]
+    marker = json.loads((last / "COMPLETE").read_text())
+    assert marker["step"] == 8
+    files = {str(p.relative_to(last)) for p in last.rglob("*") if p.is_file() and p.name != "COMPLETE"}
+    assert set(marker["sha256"]) == files and any(f.startswith("random_states_") for f in files)
+    for name, digest in marker["sha256"].items():
+        assert hashlib.sha256((last / name).read_bytes()).hexdigest() == digest
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    found = stopped_run(tmp_path)
+    half = tmp_path / ".tmp-step-0000012"  # what a kill during the next save leaves: no marker, no rename
+    shutil.copytree(found[-1], half)
+    (half / "COMPLETE").unlink()
+    (half / "model.safetensors").write_bytes(b"half-written")
+    assert checkpoints(tmp_path) == found
+    resumed = train(toy_model(), mse, batch_fn, PARAMS, tmp_path, seed=7, resume=True)
+    assert resumed.resumed_from == 8
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "model.safetensors").write_bytes(b"flipped bits"), "model.safetensors does not match"),
+    (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin is missing"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, message):
+    last = stopped_run(tmp_path)[-1]
+    damage(last)
+    with pytest.raises(CorruptCheckpoint, match=message):
+        train(toy_model(), mse, batch_fn, PARAMS, tmp_path, seed=7, resume=True)
+
+
+def test_a_checkpoint_without_rng_state_is_an_error_not_a_log_line(tmp_path):
+    import json
+
+    last = stopped_run(tmp_path)[-1]
+    marker = json.loads((last / "COMPLETE").read_text())
+    for name in [n for n in marker["sha256"] if n.startswith("random_states_")]:
+        (last / name).unlink()
+        del marker["sha256"][name]
+    (last / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(CorruptCheckpoint, match="no RNG state"):
+        train(toy_model(), mse, batch_fn, PARAMS, tmp_path, seed=7, resume=True)

@@ -14,6 +14,7 @@ resumes under another process count.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -130,18 +131,66 @@ def checkpoints(workdir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+class CorruptCheckpoint(UserError, RuntimeError):
+    """A checkpoint's files do not match the sha256 its completion marker recorded, or a part is missing."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _save_checkpoint(acc: Accelerator, workdir: Path, step: int, fingerprint: str, keep: int) -> Path:
+    """Write ``step-N`` so that it is complete or absent: a temporary sibling, fsynced, a marker holding
+    every file's sha256, then a rename. Older checkpoints are rotated only after that."""
     final = workdir / f"step-{step:07d}"
     tmp = workdir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     acc.save_state(str(tmp))
     (tmp / "train_params.json").write_text(fingerprint)
-    (tmp / _COMPLETE).write_text(str(step))
+    files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": files}, indent=1))
+    _fsync(tmp / _COMPLETE)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _fsync(workdir)
     for old in checkpoints(workdir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose files differ from its marker's sha256, or that lacks its RNG state."""
+    marker = json.loads((path / _COMPLETE).read_text())
+    recorded = marker.get("sha256") if isinstance(marker, dict) else None
+    if recorded is None:
+        raise CorruptCheckpoint(f"{path}: its {_COMPLETE} marker records no file hashes (written by an older "
+                                "sd-distill); rerun without --resume to start over")
+    for name, digest in recorded.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{path}: {name} is missing; delete this checkpoint to resume from the one "
+                                    "before, or rerun without --resume")
+        if _sha256(f) != digest:
+            raise CorruptCheckpoint(f"{path}: {name} does not match the sha256 its marker recorded (corrupt or "
+                                    "changed after saving); delete this checkpoint to resume from the one before, "
+                                    "or rerun without --resume")
+    if not any(name.startswith("random_states_") for name in recorded):
+        raise CorruptCheckpoint(f"{path}: no RNG state (random_states_*.pkl); an exact resume needs it")
 
 
 def train(
@@ -203,6 +252,7 @@ def train(
     resumed_from = 0
     if resume and (found := checkpoints(workdir)):
         last = found[-1]
+        verify_checkpoint(last)
         saved = (last / "train_params.json").read_text()
         if saved != fingerprint:
             raise CheckpointMismatch(f"{last}: made with other training params; rerun without --resume "
