@@ -14,7 +14,6 @@ resumes under another process count.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from sd_distill.data.shards import sha256_file
 from sd_distill.errors import Preempted, UserError
 from sd_distill.params import TrainParams
 
@@ -135,14 +135,6 @@ class CorruptCheckpoint(UserError, RuntimeError):
     """A checkpoint's files do not match the sha256 its completion marker recorded, or a part is missing."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -159,7 +151,7 @@ def _save_checkpoint(acc: Accelerator, workdir: Path, step: int, fingerprint: st
     shutil.rmtree(tmp, ignore_errors=True)
     acc.save_state(str(tmp))
     (tmp / "train_params.json").write_text(fingerprint)
-    files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     for name in files:
         _fsync(tmp / name)
     (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": files}, indent=1))
@@ -185,7 +177,7 @@ def verify_checkpoint(path: Path) -> None:
         if not f.is_file():
             raise CorruptCheckpoint(f"{path}: {name} is missing; delete this checkpoint to resume from the one "
                                     "before, or rerun without --resume")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CorruptCheckpoint(f"{path}: {name} does not match the sha256 its marker recorded (corrupt or "
                                     "changed after saving); delete this checkpoint to resume from the one before, "
                                     "or rerun without --resume")
