@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node 2 tests/ddp_train.py OUT [--resume] [--stop-after STEP]
 
 Trains a small convolutional denoiser whose loss draws data and noise from the loop's generator, then
-writes OUT/weights-rank{R}.pt and OUT/result-rank{R}.json (steps resumed from, loss history).
+writes OUT/weights-rank{R}.safetensors and OUT/result-rank{R}.json (steps resumed from, loss history).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from sd_distill.params import TrainParams
 from sd_distill.training.loop import train
@@ -56,7 +57,8 @@ def main() -> None:
     result = train(model, loss_fn, batch_fn, PARAMS, args.out / "work", seed=3, resume=args.resume,
                    on_metrics=on_metrics, name="ddp-test")
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.model.state_dict(), args.out / f"weights-rank{rank}.pt")
+    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+              args.out / f"weights-rank{rank}.safetensors")
     (args.out / f"result-rank{rank}.json").write_text(json.dumps(
         {"resumed_from": result.resumed_from, "losses": result.losses,
          "world_size": int(os.environ.get("WORLD_SIZE", "1"))}))
