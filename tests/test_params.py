@@ -91,3 +91,52 @@ def test_one_nested_key_keeps_the_sections_other_defaults(tmp_path):
 def test_teacher_targets_cannot_be_combined_with_a_rescaled_schedule(tmp_path):
     with pytest.raises(ParamsError, match="set targets=data"):
         resolve(write_params(tmp_path, vpred={"zero_terminal_snr": True}))
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: smoke\nteacher:\n  unet_train: {steps: 3\n  vae: {}\n")
+    with pytest.raises(ParamsError) as err:
+        resolve(path)
+    assert str(err.value) == (f"{path}:4:6: not valid YAML: expected ',' or '}}', but got ':' (while parsing a flow "
+                              "mapping at line 3, column 15)")
+
+
+def test_a_section_given_twice_is_refused_not_silently_dropped(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: smoke\nteacher:\n  kl_weight: 0.5\nbase: {}\nteacher:\n  caption_dropout: 0.2\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:5:1: not valid YAML: found duplicate key 'teacher' "
+                                          r"\(first given on line 2\)"):
+        resolve(path)
+
+
+def test_params_file_that_is_not_utf8_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"profile: smoke\nbase: {seed: \xff}\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:2:14: not UTF-8 text \(byte 0xff\)"):
+        resolve(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b\n", "expected a mapping of sections at the top level (section: {key: value}), found list ['a', 'b']"),
+    ("profile: smoke\nbase: [1, 2]\n", "section 'base' must be a mapping of keys to values, found list [1, 2]"),
+    ("profile: [smoke]\n", "profile: expected one of tiny, smoke, sd15, found ['smoke']"),
+    ("1: 2\n", "unknown top-level key(s) 1; allowed: "),
+    ("profile: smoke\nbase: {seed: {a: 1}}\n", "base.seed: Input should be a valid integer (found a mapping)"),
+])
+def test_wrong_shapes_name_file_key_expected_and_found(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        resolve(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
+def test_an_error_names_where_the_bad_value_came_from(tmp_path):
+    path = write_params(tmp_path, base={"seed": 1})
+    with pytest.raises(ParamsError, match=r"^overrides: base.seed: .*\(found 'x'\)$"):
+        resolve(path, ["base.seed=x"])
+    with pytest.raises(ParamsError, match=r"^--set 'base.seed=\[1':1:3: not valid YAML"):
+        resolve(path, ["base.seed=[1"])
+    with pytest.raises(ParamsError, match=r"base.seed is already set to a value"):
+        parse_set(["base.seed=1", "base.seed.x=2"])

@@ -145,7 +145,7 @@ STAGES: tuple[Stage, ...] = (
         inputs={"teacher": "models/teacher", "decoder": "models/decoder",
                 **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
         outputs={"model": "models/student"},
-        code=("src/sd_distill/stages/assemble.py", "src/sd_distill/models/parts.py"),
+        code=("src/sd_distill/stages/assemble.py", "src/sd_distill/stages/halve.py", "src/sd_distill/models/parts.py"),
         resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
     ),
     Stage(

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sd_distill.data.shards import Sample
 from sd_distill.data.sources import Raw, decode
@@ -17,10 +17,29 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPACE = re.compile(r"\s+")
 
 
+REASONS = {
+    "missing": "no image file or field for the row",
+    "empty_file": "a zero-byte image file",
+    "not_image": "bytes in no image format PIL knows (text, HTML, ...), or an image field that is not bytes",
+    "unreadable": "an image format whose data is corrupt or truncated",
+    "not_rgb": "an image in another mode than RGB (grayscale, palette, RGBA, CMYK, 16-bit)",
+    "too_small": "shorter side below prepare.min_size",
+    "empty_caption": "no caption, or only whitespace and control characters",
+    "caption_not_text": "a caption that is not a string (a number, a list, ...)",
+    "duplicate": "the same image bytes as an earlier sample",
+    "low_score": "below prepare.min_score (wanted filtering: not counted against max_reject_rate)",
+}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass(frozen=True)
 class Reject:
     key: str
-    reason: str  # unreadable | missing | empty_caption | too_small | not_rgb | duplicate | low_score
+    reason: str  # one of REASONS
     detail: str
 
     @property
@@ -59,10 +78,18 @@ class Checker:
             score = raw.extra.get("score")
             if not isinstance(score, (int, float)) or score < p.min_score:
                 return Reject(raw.key, "low_score", f"{p.score_column}={score!r} below min_score={p.min_score}")
-        caption = clean_caption(raw.caption) if isinstance(raw.caption, str) else ""
+        if raw.caption is not None and not isinstance(raw.caption, str):
+            return Reject(raw.key, "caption_not_text",
+                          f"caption is {type(raw.caption).__name__} {_short(raw.caption)}, expected a string")
+        caption = clean_caption(raw.caption or "")
         if not caption:
-            return Reject(raw.key, "empty_caption", f"caption {raw.caption!r}")
-        payload = raw.data if raw.data is not None else raw.array.tobytes()
+            return Reject(raw.key, "empty_caption", "no caption" if raw.caption is None else f"caption {raw.caption!r}")
+        if raw.array is None and not isinstance(raw.data, (bytes, bytearray)):
+            return Reject(raw.key, "not_image", f"image field is {type(raw.data).__name__} {_short(raw.data)}, "
+                                                "expected encoded image bytes")
+        if raw.array is None and len(raw.data) == 0:
+            return Reject(raw.key, "empty_file", "0 bytes")
+        payload = bytes(raw.data) if raw.array is None else raw.array.tobytes()
         digest = hashlib.sha256(payload).hexdigest()
         if digest in self.seen:
             return Reject(raw.key, "duplicate", f"same bytes as {self.seen[digest]}")
@@ -70,8 +97,11 @@ class Checker:
             image = raw.array
         else:
             try:
-                decoded = decode(raw.data)
-            except Exception as exc:  # PIL raises many types for bad files
+                decoded = decode(payload)
+            except UnidentifiedImageError:
+                return Reject(raw.key, "not_image", f"{len(payload)} bytes starting {payload[:8]!r}: no image format "
+                                                    "PIL can read")
+            except Exception as exc:  # PIL raises many types for corrupt or truncated data
                 return Reject(raw.key, "unreadable", f"{type(exc).__name__}: {exc}")
             if decoded.mode != "RGB":
                 return Reject(raw.key, "not_rgb", f"mode {decoded.mode}, expected RGB")

@@ -74,14 +74,28 @@ def folder(p: PrepareParams) -> Iterator[Raw]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SourceError(f"{index}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise SourceError(f"{index}:{n}: expected a JSON object with file_name and {p.caption_column}, found "
+                              f"{type(row).__name__}")
         if "file_name" not in row or p.caption_column not in row:
             raise SourceError(f"{index}:{n}: expected keys file_name and {p.caption_column}, found {sorted(row)}")
-        path = root / row["file_name"]
-        data = path.read_bytes() if path.is_file() else None
-        extra = {"missing": str(path)} if data is None else {}
+        name = row["file_name"]
+        path = root / name if isinstance(name, str) and name else None
+        if path is None:
+            data, extra = None, {"missing": f"file_name {name!r} is not a file name"}
+        elif not path.resolve().is_relative_to(root.resolve()):
+            data, extra = None, {"missing": f"file_name {name!r} points outside prepare.path {root}"}
+        elif not path.is_file():
+            data, extra = None, {"missing": str(path)}
+        else:
+            try:
+                data, extra = path.read_bytes(), {}
+            except OSError as exc:
+                data, extra = None, {"missing": f"{path}: {exc.strerror}"}
         if p.score_column:
             extra["score"] = row.get(p.score_column)
-        yield Raw(key=Path(row["file_name"]).stem, caption=row[p.caption_column], data=data, extra=extra)
+        key = Path(name).stem if path is not None else f"{index.name}:{n}"
+        yield Raw(key=key, caption=row[p.caption_column], data=data, extra=extra)
 
 
 def parquet(p: PrepareParams) -> Iterator[Raw]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sd_distill.errors import UserError
 from sd_distill.params import BaseParams, DecoderArch, TeacherParams, TextArch, UnetArch, VaeArch
 
 
@@ -127,19 +131,171 @@ def quiet_loading_bars() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a diffusers folder offline with an error that says what is missing."""
+# --------------------------------------------------------------------------- loading model folders safely
+# Weights load from safetensors only: unpickling a .bin/.ckpt/.pt file can run any code its author chose, so a
+# folder holding one is refused by its file names alone, before anything in it is opened.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+PIPELINE_CLASS = "StableDiffusionPipeline"
+PIPELINE_MODELS = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL", "AutoencoderTiny"),
+                   "text_encoder": ("CLIPTextModel",)}  # the parts with weights; tokenizer and scheduler are text
+PREDICTS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x"}
+# what diffusers and transformers raise for a folder they cannot load (size mismatches are RuntimeError)
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+class MissingModel(UserError, FileNotFoundError):
+    """A model folder, or a part of one, is not there; the message names it and the stage that writes it."""
+
+
+class ModelError(UserError, ValueError):
+    """A model folder that must not or cannot be loaded (pickle-bearing weights, no safetensors, broken configs) or
+    the wrong kind of model for the stage reading it; the message names the file, key, expected and found values."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a stage requires of an input pipeline folder, checked from its JSON configs before any weight is read."""
+
+    stage: str  # the stage reading the folder, as the error names it
+    producer: str  # the stage whose output is a right input (``sd-distill run <producer>``)
+    prediction_type: str | None = None  # the scheduler's prediction_type; None: any
+    guidance_input: bool | None = None  # True: a w-conditioned UNet (time_cond_proj_dim set); False: none; None: any
+    vae: str | None = None  # the VAE class the stage needs (AutoencoderKL to encode images); None: any
+
+
+def read_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _config_class(config: dict) -> str | None:
+    """A diffusers config's ``_class_name``, or a transformers config's first ``architectures`` entry."""
+    archs = config.get("architectures")
+    return config.get("_class_name") or (archs[0] if isinstance(archs, list) and archs else None)
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Raise ``ModelError`` if any file under ``folder`` is a pickle-bearing weight file; opens none of them."""
+    found = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ModelError(f"{found[0]}{more}: pickle-bearing weight file in model folder {folder} (unpickling can run "
+                         f"any code); expected safetensors weights only ({', '.join(PICKLE_SUFFIXES)} are refused). "
+                         "Nothing was loaded: delete it, or re-save the model with "
+                         "save_pretrained(safe_serialization=True)")
+
+
+def check_component(folder: Path, classes: tuple[str, ...], producer: str | None = None) -> dict:
+    """One model folder (``unet/``, ``vae/``, ``models/decoder``): a config of one of ``classes`` and safetensors
+    weights; returns the config."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        hint = f"; run `sd-distill run {producer}` first" if producer else ""
+        raise MissingModel(f"{folder}: no {' or '.join(classes)} folder (config.json){hint}")
+    config = read_config(config_file)
+    found = _config_class(config)
+    if found not in classes:
+        hint = f"; `sd-distill run {producer}` writes one" if producer else ""
+        raise ModelError(f"{config_file}: model class is {found!r}, expected {' or '.join(map(repr, classes))}{hint}")
+    if not any(folder.glob("*.safetensors")):
+        files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name != "config.json")
+        raise ModelError(f"{folder}: no safetensors weights (*.safetensors), found {files or 'no weight file'}; "
+                         "sd-distill loads safetensors only: re-save the model with "
+                         "save_pretrained(safe_serialization=True)")
+    return config
+
+
+def check_pipeline(path: Path | str, needs: Needs | None = None) -> None:
+    """Everything ``load_pipeline`` checks before reading a weight: the folder is a ``StableDiffusionPipeline``
+    with safetensors weights, no pickle-bearing file, parts that fit together, and what ``needs`` asks for."""
     path = Path(path)
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers pipeline folder (no model_index.json); "
-                                "run the stage that writes it first, e.g. `sd-distill run teacher`")
+    run = f"`sd-distill run {needs.producer}`" if needs else "the stage that writes it, e.g. `sd-distill run teacher`"
+    if not path.is_dir():
+        raise MissingModel(f"{path}: model folder does not exist; run {run} first")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise MissingModel(f"{path}: not a diffusers pipeline folder (no model_index.json); run {run} first")
+    refuse_pickles(path)
+    index = read_config(index_file)
+    if index.get("_class_name") != PIPELINE_CLASS:
+        raise ModelError(f"{index_file}: _class_name is {index.get('_class_name')!r}, expected {PIPELINE_CLASS!r}")
+    configs = {}
+    for part, classes in PIPELINE_MODELS.items():
+        entry = index.get(part)
+        found = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
+        if found not in classes:
+            raise ModelError(f"{index_file}: {part} is {found!r}, expected {' or '.join(map(repr, classes))}")
+        configs[part] = check_component(path / part, (found,))
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise MissingModel(f"{scheduler_file}: missing; the pipeline folder is incomplete")
+    scheduler = read_config(scheduler_file)
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet_file = path / "unet" / "config.json"
+    if unet.get("in_channels") != vae.get("latent_channels"):
+        raise ModelError(f"{unet_file}: in_channels is {unet.get('in_channels')}, expected the VAE's latent_channels "
+                         f"({vae.get('latent_channels')}); the UNet and VAE come from different models")
+    if unet.get("cross_attention_dim") != text.get("hidden_size"):
+        raise ModelError(f"{unet_file}: cross_attention_dim is {unet.get('cross_attention_dim')}, expected the text "
+                         f"encoder's hidden_size ({text.get('hidden_size')}); the UNet and text encoder come from "
+                         "different models")
+    if needs is None:
+        return
+    found = scheduler.get("prediction_type", "epsilon")
+    if needs.prediction_type and found != needs.prediction_type:
+        raise ModelError(f"{needs.stage}: {path} must predict {PREDICTS.get(needs.prediction_type)}: {scheduler_file} "
+                         f"prediction_type is {found!r}, expected {needs.prediction_type!r}; {run} writes such a model")
+    cond = unet.get("time_cond_proj_dim")
+    if needs.guidance_input and cond is None:
+        raise ModelError(f"{needs.stage}: {path} must be w-conditioned: {unet_file} time_cond_proj_dim is null (no "
+                         f"guidance-weight input), expected an integer; {run} writes such a model")
+    if needs.guidance_input is False and cond is not None:
+        raise ModelError(f"{needs.stage}: {path} must not be w-conditioned: {unet_file} time_cond_proj_dim is {cond}, "
+                         f"expected null (a UNet without guidance-weight input); {run} writes such a model")
+    if needs.vae and _config_class(vae) != needs.vae:
+        raise ModelError(f"{needs.stage}: {path}: {index_file.name} vae is {_config_class(vae)!r}, expected "
+                         f"{needs.vae!r} (the stage encodes images with it); {run} writes such a model")
+
+
+def _load_error(path: Path, exc: Exception) -> ModelError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ModelError(f"{path}: cannot be loaded ({type(exc).__name__}: {first[:300]})")
+
+
+def load_pipeline(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  needs: Needs | None = None) -> StableDiffusionPipeline:
+    """Load a diffusers folder offline, safetensors only, after ``check_pipeline``; errors say what is wrong."""
+    path = Path(path)
+    check_pipeline(path, needs)
     quiet_loading_bars()
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except LOAD_ERRORS as exc:
+        raise _load_error(path, exc) from None
     pipe.set_progress_bar_config(disable=True)
     name_source(pipe, path.name)
     return pipe.to(device)
+
+
+def load_model(cls, folder: Path | str, producer: str):
+    """One diffusers model folder (``AutoencoderTiny``, a pipeline's ``vae/``) of class ``cls``, offline, safetensors
+    only; ``producer`` is the stage that writes it, for the error when it is missing."""
+    folder = Path(folder)
+    refuse_pickles(folder)
+    check_component(folder, (cls.__name__,), producer)
+    quiet_loading_bars()
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except LOAD_ERRORS as exc:
+        raise _load_error(folder, exc) from None
 
 
 def name_source(pipe_or_model, name: str) -> None:

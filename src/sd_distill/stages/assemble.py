@@ -14,22 +14,25 @@ import json
 from diffusers import AutoencoderTiny
 
 from sd_distill.errors import UserError
-from sd_distill.models.parts import assemble, load_pipeline, name_source
+from sd_distill.models.parts import Needs, assemble, check_pipeline, load_model, load_pipeline, name_source
 from sd_distill.params import AssembleParams
-from sd_distill.stages.halve import MODEL_CARD
+from sd_distill.stages.halve import MODEL_CARD, check_card, teacher_needs
 
 
 def build_student(steps_dir, teacher_dir, decoder_dir, p: AssembleParams):
     """The assembled pipeline and its model card."""
-    steps = load_pipeline(steps_dir)
+    producer, needs = f"halve@{p.steps}", teacher_needs("assemble", f"halve@{p.steps}")
+    check_pipeline(steps_dir, needs)
+    check_card(steps_dir, p.steps, "assemble", producer)
+    steps = load_pipeline(steps_dir, needs=needs)
     if p.decoder == "tiny":
         if not (decoder_dir / "config.json").is_file():
             raise FileNotFoundError(f"{decoder_dir}: no AutoencoderTiny folder (config.json); run `sd-distill run "
                                     "decoder` first, or set assemble.decoder=full")
-        vae = AutoencoderTiny.from_pretrained(decoder_dir, local_files_only=True)
+        vae = load_model(AutoencoderTiny, decoder_dir, producer="decoder")
         name_source(vae, decoder_dir.name)
     else:
-        vae = load_pipeline(teacher_dir).vae
+        vae = load_pipeline(teacher_dir, needs=Needs(stage="assemble", producer="teacher", vae="AutoencoderKL")).vae
     pipe = assemble(vae, steps.text_encoder, steps.tokenizer, steps.unet, steps.scheduler)
     card = json.loads((steps_dir / MODEL_CARD).read_text())
     card.update({

@@ -189,11 +189,9 @@ def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Ten
 
 
 def load_teacher_vae(teacher: Path) -> AutoencoderKL:
-    folder = Path(teacher) / "vae"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no teacher VAE (vae/config.json); run `sd-distill run teacher` first")
-    parts.quiet_loading_bars()
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    """The teacher pipeline's ``vae/`` (safetensors only; an ``AutoencoderTiny`` there is refused)."""
+    parts.refuse_pickles(teacher)
+    return parts.load_model(AutoencoderKL, Path(teacher) / "vae", producer="teacher")
 
 
 def main(ctx) -> None:

@@ -17,9 +17,12 @@ from diffusers import UNet2DConditionModel
 from sd_distill import diffusion
 from sd_distill.data.latents import latent_data
 from sd_distill.data.shards import read_split
-from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.models.parts import Needs, load_pipeline, pick_device
 from sd_distill.params import BaseParams, GuidanceParams
 from sd_distill.training.loop import MetricsFn, train
+
+NEEDS = Needs(stage="guidance", producer="vpred", prediction_type="v_prediction", guidance_input=False,
+              vae="AutoencoderKL")
 
 
 def with_guidance_input(unet: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
@@ -69,7 +72,7 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
 
 
 def main(ctx) -> None:
-    pipe = load_pipeline(ctx.inputs["vpred"])
+    pipe = load_pipeline(ctx.inputs["vpred"], needs=NEEDS)
     split = read_split(ctx.inputs["data"], "train")
     latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
     pipe = distill_guidance(pipe, latents, ctx.params.guidance, ctx.params.base, ctx.work, resume=ctx.resume,

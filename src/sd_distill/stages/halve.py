@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from diffusers import DDIMScheduler
 from sd_distill import diffusion, registry
 from sd_distill.data.latents import latent_data
 from sd_distill.data.shards import read_split
-from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.models.parts import ModelError, Needs, check_pipeline, load_pipeline, pick_device, read_config
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training.loop import MetricsFn, train
 
@@ -97,16 +98,46 @@ def round_steps(stage_name: str) -> int:
     return int(stage_name.split("@")[1])
 
 
+def check_card(folder: Path, steps: int | None, stage: str, producer: str) -> None:
+    """``folder``'s model card must say it samples in ``steps`` steps; ``steps=None``: the folder is the first
+    teacher (the pruned or guided model), not step-distilled, so it has no card."""
+    card = Path(folder) / MODEL_CARD
+    run = f"`sd-distill run {producer}`"
+    if steps is None:
+        if card.is_file():
+            found = read_config(card).get("num_inference_steps")
+            raise ModelError(f"{stage}: {card}: num_inference_steps is {found!r}, expected no {MODEL_CARD} (the first "
+                             f"teacher is the undistilled {producer} model); {run} writes it")
+        return
+    if not card.is_file():
+        raise ModelError(f"{stage}: {card}: missing, expected one with num_inference_steps={steps} (a {steps}-step "
+                         f"model); {run} writes it")
+    found = read_config(card).get("num_inference_steps")
+    if found != steps:
+        raise ModelError(f"{stage}: {card}: num_inference_steps is {found!r}, expected {steps}; {run} writes a "
+                         f"{steps}-step model")
+
+
+def teacher_needs(stage: str, producer: str) -> Needs:
+    return Needs(stage=stage, producer=producer, prediction_type="v_prediction", guidance_input=True,
+                 vae="AutoencoderKL")
+
+
 def main(ctx) -> None:
     p: HalveParams = ctx.params.halve
     n = round_steps(ctx.stage.name)
+    first = p.mode == "direct" or n == HALVING_STEPS[0]  # the first teacher: prune's output
     if p.mode == "direct":
         source = ctx.root / registry.get(f"halve@{HALVING_STEPS[0]}").inputs["teacher"]
         teacher_steps = p.steps_from
     else:
         source = ctx.inputs["teacher"]
         teacher_steps = 2 * n
-    pipe = load_pipeline(source)
+    producer = "prune" if first else f"halve@{teacher_steps}"
+    needs = teacher_needs(ctx.stage.name, producer)
+    check_pipeline(source, needs)
+    check_card(source, None if first else teacher_steps, ctx.stage.name, producer)
+    pipe = load_pipeline(source, needs=needs)
     split = read_split(ctx.inputs["data"], "train")
     latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
     pipe = distill_round(pipe, latents, n, teacher_steps, p, ctx.params.base, ctx.work,

@@ -61,11 +61,14 @@ def prepare(p: PrepareParams, seed: int) -> Prepared:
         (rejects if isinstance(result, Reject) else accepted).append(result)
     prepared = Prepared(splits={}, rejects=rejects, seen=seen)
     if prepared.reject_rate > p.max_reject_rate:
-        reasons = Counter(r.reason for r in rejects if r.counts_against_rate)
+        counted = [r for r in rejects if r.counts_against_rate]
+        reasons = Counter(r.reason for r in counted)
+        examples = {reason: [r.key for r in counted if r.reason == reason][:3] for reason in reasons}
+        by_reason = ", ".join(f"{reason} {n} (e.g. {', '.join(examples[reason])})" for reason, n in reasons.items())
         raise TooManyRejects(
-            f"prepare: {sum(reasons.values())} of {seen} samples rejected ({prepared.reject_rate:.1%}), above "
-            f"prepare.max_reject_rate={p.max_reject_rate:.1%}; by reason: {dict(reasons)}. "
-            "Fix the input or raise the threshold.")
+            f"prepare: {len(counted)} of {seen} samples rejected ({prepared.reject_rate:.1%}), above "
+            f"prepare.max_reject_rate={p.max_reject_rate:.1%}; by reason: {by_reason}. "
+            f"Fix the input ({p.path or p.source}) or raise the threshold; nothing was written.")
     if len(accepted) < 3:
         raise UserError(f"prepare: only {len(accepted)} usable samples in {p.path or p.source}; need at least 3")
     cuts = split_indices(len(accepted), p, seed)

@@ -29,12 +29,14 @@ from sd_distill.data.latents import latent_data
 from sd_distill.errors import UserError
 from sd_distill.data.shards import read_split
 from sd_distill.models import bk
-from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.models.parts import Needs, check_pipeline, load_pipeline, pick_device
 from sd_distill.params import BaseParams, PruneParams
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
 MODEL_CARD = "prune.json"
+NEEDS = Needs(stage="prune", producer="guidance", prediction_type="v_prediction", guidance_input=True,
+              vae="AutoencoderKL")
 
 
 def compact_unet(parent: UNet2DConditionModel, variant: str) -> tuple[UNet2DConditionModel, dict[str, list[str]]]:
@@ -123,12 +125,13 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
 def main(ctx) -> None:
     p: PruneParams = ctx.params.prune
     out = ctx.outputs["model"]
+    check_pipeline(ctx.inputs["guided"], NEEDS)
     if p.variant == "none":
         shutil.copytree(ctx.inputs["guided"], out, ignore=shutil.ignore_patterns("params.resolved.json"))
         n = sum(t.numel() for t in load_pipeline(out).unet.parameters())
         summary = {"parent_parameters": n, "unet_parameters": n}
     else:
-        pipe = load_pipeline(ctx.inputs["guided"])
+        pipe = load_pipeline(ctx.inputs["guided"], needs=NEEDS)
         split = read_split(ctx.inputs["data"], "train")
         latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
         pipe, summary = distill_compact(pipe, latents, p, ctx.params.base, ctx.work, resume=ctx.resume,

@@ -94,15 +94,22 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
 
 
 def fetch_teacher(source: str):
-    """sd15: a hub id or a local diffusers folder, loaded as a ``StableDiffusionPipeline``."""
+    """sd15: a hub id (its safetensors files are downloaded) or a local diffusers folder (checked like every model
+    folder: safetensors only, no pickle-bearing file), loaded as a ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
 
+    if Path(source).exists():
+        if not (Path(source) / "model_index.json").is_file():
+            raise parts.MissingModel(f"teacher.source: {source} is a path but holds no model_index.json")
+        return parts.load_pipeline(source)
     parts.quiet_loading_bars()
-    local = Path(source).exists()
-    if local and not (Path(source) / "model_index.json").is_file():
-        raise FileNotFoundError(f"teacher.source: {source} is a path but holds no model_index.json")
-    return StableDiffusionPipeline.from_pretrained(source, local_files_only=local, safety_checker=None,
-                                                   requires_safety_checker=False)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source, use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+    except parts.LOAD_ERRORS as exc:
+        raise parts.ModelError(f"teacher.source: {source!r} cannot be loaded from the hub as a safetensors "
+                               f"StableDiffusionPipeline ({type(exc).__name__}: "
+                               f"{(str(exc).strip().splitlines() or [''])[0][:300]})") from None
 
 
 def main(ctx) -> None:

@@ -24,11 +24,13 @@ from diffusers import DDIMScheduler
 from sd_distill import diffusion
 from sd_distill.data.latents import latent_data
 from sd_distill.data.shards import read_split
-from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.models.parts import Needs, load_pipeline, pick_device
 from sd_distill.params import BaseParams, VpredParams
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
+# any prediction type converts to v; a w-conditioned UNet would come out with a guidance input it never learned
+NEEDS = Needs(stage="vpred", producer="teacher", guidance_input=False, vae="AutoencoderKL")
 
 
 def v_scheduler(config, zero_terminal_snr: bool) -> DDIMScheduler:
@@ -88,7 +90,7 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
 
 
 def main(ctx) -> None:
-    pipe = load_pipeline(ctx.inputs["teacher"])
+    pipe = load_pipeline(ctx.inputs["teacher"], needs=NEEDS)
     split = read_split(ctx.inputs["data"], "train")
     latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
     ctx.summary["teacher_prediction_type_is_v"] = float(pipe.scheduler.config.prediction_type == "v_prediction")
