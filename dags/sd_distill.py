@@ -11,7 +11,9 @@ or "Trigger DAG" in the UI, whose form is built from the Params below (validated
 Each task runs ``sd-distill run <stage> --params <workdir>/params.yaml --profile P --overrides JSON
 --pipeline-run airflow:<run_id>``: the same command ``dvc repro`` runs, with the run's ``profile`` and
 ``overrides`` layered on the project's ``params.yaml``. A retry (2 by default) has the same run id, so the
-stage resumes from its last checkpoint.
+stage resumes from its last checkpoint; a stage that already finished does nothing. Exit statuses a retry cannot
+change (2: bad params or input, 3: the loss diverged or memory ran out at the smallest micro-batch) fail the task
+at once, without retries.
 
 - ``mode: local`` runs that command on the worker (``$SD_DISTILL_BIN``, default ``sd-distill`` on PATH) in
   ``workdir`` (default ``$SD_DISTILL_PROJECT``, else the checkout that holds this dags/ folder).
@@ -36,10 +38,11 @@ from pathlib import Path
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import DAG, Param
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from sd_distill import registry
+from sd_distill.errors import NOT_RETRYABLE
 from sd_distill.orchestrators import common
 
 DAG_ID = "sd_distill"
@@ -162,7 +165,17 @@ class StageOperator(KubernetesPodOperator):
             # needs RBAC on trainjobs for the launcher: kubectl apply -k k8s/trainjob-launcher
             return common.run_trainjob(self.hook.custom_object_client, self.build_trainjob_obj(context),
                                        say=self.log.info)
-        return super().execute(context)
+        try:
+            return super().execute(context)
+        except AirflowException as exc:
+            self._fail_for_good(common.terminated_exit_code(self.remote_pod, self.base_container_name), exc)
+            raise
+
+    def _fail_for_good(self, rc: int | None, cause: Exception | None = None) -> None:
+        """A stage status that a retry cannot change (bad input, a diverged loss) fails the task at once."""
+        if rc in NOT_RETRYABLE:
+            raise AirflowFailException(f"sd-distill run {self.stage.name} exited with status {rc} "
+                                       f"({common.EXIT_MEANINGS[rc]}): not retried, see the log above") from cause
 
     def _execute_local(self, context) -> None:
         params = context["params"]
@@ -175,6 +188,7 @@ class StageOperator(KubernetesPodOperator):
         for line in self._process.stdout:
             self.log.info("%s", line.rstrip())
         rc = self._process.wait()
+        self._fail_for_good(rc)
         if rc:
             raise AirflowException(f"sd-distill run {self.stage.name} exited with status {rc}")
 

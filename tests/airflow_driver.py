@@ -75,7 +75,8 @@ def run(conf: dict) -> dict:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
                                                  TaskInstance.run_id == dag_run.run_id).all()
         states = {ti.task_id: str(ti.state) for ti in tis}
-    return {"run_id": dag_run.run_id, "state": str(dag_run.state), "states": states,
+        tries = {ti.task_id: ti.try_number for ti in tis}
+    return {"run_id": dag_run.run_id, "state": str(dag_run.state), "states": states, "tries": tries,
             "seconds": time.time() - started}
 
 

@@ -57,6 +57,17 @@ def test_airflow_cli_trigger_queues_a_run_with_its_conf_and_refuses_a_bad_one(ai
     assert "Invalid input for param profile" in bad.stderr
 
 
+def test_a_stage_failing_for_good_fails_its_task_at_once_without_retries(airflow, tmp_path):
+    """`sd-distill run` exit 2 (bad params here) is not retryable: the task fails on its first try, the rest of the
+    DAG is upstream_failed, instead of up_for_retry twice more."""
+    conf = {"profile": "smoke", "mode": "local", "overrides": {"prepare.val_fraction": 5}}
+    result = airflow("run", conf, {"SD_DISTILL_PROJECT": str(tmp_path), "MLFLOW_TRACKING_URI":
+                                   f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert result["states"]["prepare"] == "failed", result
+    assert set(result["states"].values()) == {"failed", "upstream_failed"}
+    assert result["tries"]["prepare"] == 1
+
+
 @pytest.mark.slow
 def test_dag_test_runs_the_smoke_profile_locally(airflow_run):
     assert airflow_run["state"] == "success", airflow_run

@@ -124,14 +124,34 @@ def test_a_retry_of_the_same_pipeline_run_resumes_and_a_new_run_starts_over(smok
     shutil.copytree(smoke_project, root)
     params = resolve(root / "params.yaml")
     caplog.set_level(logging.INFO, logger="sd_distill")
-    run_stage("guidance", params, root, pipeline_run="airflow:run-1")
+    # force: the copied stage is up to date, and would otherwise do nothing (a retry after success)
+    run_stage("guidance", params, root, pipeline_run="airflow:run-1", force=True)
     assert "resumed from" not in caplog.text
     caplog.clear()
-    run_stage("guidance", params, root, pipeline_run="airflow:run-1")  # the orchestrator's retry
+    run_stage("guidance", params, root, pipeline_run="airflow:run-1", force=True)  # the orchestrator's retry
     assert "retry of pipeline run airflow:run-1" in caplog.text and "resumed from" in caplog.text
     caplog.clear()
-    run_stage("guidance", params, root, pipeline_run="airflow:run-2")  # another run: from scratch
+    run_stage("guidance", params, root, pipeline_run="airflow:run-2", force=True)  # another run: from scratch
     assert "resumed from" not in caplog.text
+    caplog.clear()
+    assert run_stage("guidance", params, root, pipeline_run="airflow:run-2")["up_to_date"] == 1  # after success
+
+
+def test_the_exit_status_of_a_finished_pod_is_read_from_its_container():
+    from kubernetes.client import models as k8s
+
+    def pod(**codes):
+        return k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[
+            k8s.V1ContainerStatus(name=name, image="i", image_id="", ready=False, restart_count=0,
+                                  state=k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=c)))
+            for name, c in codes.items()]))
+
+    assert common.terminated_exit_code(pod(istio=0, base=3), "base") == 3
+    assert common.terminated_exit_code(pod(other=1), "base") is None
+    assert common.terminated_exit_code(None, "base") is None
+    from sd_distill.errors import NOT_RETRYABLE
+
+    assert set(NOT_RETRYABLE) <= set(common.EXIT_MEANINGS) and 143 not in NOT_RETRYABLE and 75 not in NOT_RETRYABLE
 
 
 @pytest.mark.slow

@@ -77,7 +77,8 @@ def history(store, student_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     out = {}
     for step, row in (("first", GOOD), ("again", GOOD), ("worse", WORSE), ("better", BETTER)):
-        summary = run_stage("register", make_project(root, student_dir, row), root)
+        # force: the runner would skip a rerun with the same inputs itself; this is the registry's own check
+        summary = run_stage("register", make_project(root, student_dir, row), root, force=step == "again")
         out[step] = snapshot(root, summary)
     return out
 
@@ -223,3 +224,39 @@ def test_wrong_column_types_name_the_column():
     with pytest.raises(ValueError, match=r"unknown column\(s\) \['steps'\]"):
         check_input(pd.DataFrame({"prompt": ["a"], "steps": [2]}))
     assert isinstance(StudentPipeline(), mlflow.pyfunc.PythonModel)
+
+
+# --------------------------------------------------------------------------- registrations racing each other
+def test_twenty_concurrent_registrations_leave_one_consistent_champion(store, student_dir, tmp_path):
+    """20 candidates registered at once (threads on one SQLite registry): one version each, and `champion` ends on
+    the best that passed the gate, whatever the interleaving of reads and alias moves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd_distill.serving import log_student
+    from sd_distill.stages.register import register
+
+    p = make_project(tmp_path, student_dir, GOOD).register.model_copy(update={"model_name": "sd-distill-race"})
+    with mlflow.start_run():
+        uri = log_student(student_dir).model_uri
+    # fid 1.00..1.19 in a scrambled order; every third candidate fails the gate (fid_ratio above 1.3)
+    rows = [{**GOOD, "fid": 1.0 + 0.01 * ((7 * i) % 20), "fid_ratio": 1.5 if i % 3 == 0 else 1.0} for i in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        done = list(pool.map(lambda i: register(MlflowClient(), uri, rows[i], f"race-{i}", p), range(20)))
+
+    client = MlflowClient()
+    versions = {int(v.version): client.get_model_version(p.model_name, v.version)
+                for v in client.search_model_versions(f"name = '{p.model_name}'")}
+    assert len(versions) == 20 and sorted(int(mv.version) for mv, _ in done) == sorted(versions)
+    by_key = {v.tags["sd_distill.key"]: v for v in versions.values()}
+    assert sorted(by_key) == sorted(f"race-{i}" for i in range(20))
+    passed = [i for i in range(20) if rows[i]["fid_ratio"] <= 1.3]
+    best = min(passed, key=lambda i: rows[i]["fid"])
+    holders = [n for n, v in versions.items() if "champion" in v.aliases]
+    assert holders == [int(by_key[f"race-{best}"].version)]
+    assert len([n for n, v in versions.items() if "candidate" in v.aliases]) == 1
+    for i, (mv, decision) in enumerate(done):
+        tags = versions[int(mv.version)].tags
+        assert tags["sd_distill.gate"] == ("pass" if i in passed else "fail") and decision.passed == (i in passed)
+        assert float(tags["sd_distill.metric.fid"]) == rows[i]["fid"]
+    assert by_key[f"race-{best}"].tags["sd_distill.decision"] == "promoted"
+    assert client.get_model_version_by_alias(p.model_name, "champion").tags["sd_distill.key"] == f"race-{best}"

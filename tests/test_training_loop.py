@@ -70,8 +70,8 @@ def test_loss_goes_down_on_a_learnable_task(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def nan_at_step_7(model, batch, gen):
-        loss, extra = mse(model, batch, gen)
-        return (loss * float("nan") if nan_at_step_7.step >= 6 else loss), extra
+        loss, _ = mse(model, batch, gen)
+        return (loss * float("nan") if nan_at_step_7.step >= 6 else loss), {"mse": float(loss.detach()), "noise": 0.01}
 
     nan_at_step_7.step = 0
 
@@ -79,8 +79,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         nan_at_step_7.step = step
         return batch_fn(step, micro, gen)
 
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 .*step-0000004"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7 of 12 \(micro-batch 0\); loss terms: "
+                                               r"mse=0\.\d+, noise=0\.01.*step-0000004") as exc:
         train(toy_model(), nan_at_step_7, counting_batches, PARAMS, tmp_path, seed=0)
+    assert exc.value.EXIT_CODE == 3
     assert [p.name for p in checkpoints(tmp_path)] == ["step-0000004"]
     resumed = train(toy_model(), mse, batch_fn, PARAMS, tmp_path, seed=0, resume=True)
     assert resumed.resumed_from == 4
@@ -125,7 +127,8 @@ def test_the_completion_marker_holds_every_files_sha256(tmp_path):
     marker = json.loads((last / "COMPLETE").read_text())
     assert marker["step"] == 8
     files = {str(p.relative_to(last)) for p in last.rglob("*") if p.is_file() and p.name != "COMPLETE"}
-    assert set(marker["sha256"]) == files and any(f.startswith("random_states_") for f in files)
+    assert set(marker["sha256"]) == files and {"rng_state.json", "loop_state.json", "ema.safetensors"} <= files
+    assert not [f for f in files if f.endswith(".pkl")]  # nothing that only pickle could load
     for name, digest in marker["sha256"].items():
         assert hashlib.sha256((last / name).read_bytes()).hexdigest() == digest
 
@@ -157,9 +160,55 @@ def test_a_checkpoint_without_rng_state_is_an_error_not_a_log_line(tmp_path):
 
     last = stopped_run(tmp_path)[-1]
     marker = json.loads((last / "COMPLETE").read_text())
-    for name in [n for n in marker["sha256"] if n.startswith("random_states_")]:
-        (last / name).unlink()
-        del marker["sha256"][name]
+    (last / "rng_state.json").unlink()
+    del marker["sha256"]["rng_state.json"]
     (last / "COMPLETE").write_text(json.dumps(marker))
     with pytest.raises(CorruptCheckpoint, match="no RNG state"):
         train(toy_model(), mse, batch_fn, PARAMS, tmp_path, seed=7, resume=True)
+
+
+# -- out of memory: smaller micro-batches, same global batch ----------------------------------------------------
+
+def plain_mse(model, batch, gen):  # no noise: the same samples give the same gradient however they are cut
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y), {}
+
+
+def test_out_of_memory_cuts_micro_batches_and_keeps_the_global_batch(tmp_path, caplog):
+    def fits_four(model, batch, gen):
+        if len(batch[0]) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return plain_mse(model, batch, gen)
+
+    p = PARAMS.model_copy(update={"ema_decay": 0.0})
+    whole = train(toy_model(), plain_mse, batch_fn, p, tmp_path / "whole", seed=3)
+    with caplog.at_level("WARNING"):
+        cut = train(toy_model(), fits_four, batch_fn, p, tmp_path / "cut", seed=3)
+    warnings = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(warnings) == 2 and "into 4 pieces of at most 4 (the global batch stays 32)" in warnings[-1]
+    for a, b in zip(whole.model.parameters(), cut.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # summation order only
+    assert cut.losses == pytest.approx(whole.losses, rel=1e-5)
+
+
+def test_out_of_memory_at_the_floor_fails_clearly_without_a_step(tmp_path):
+    from sd_distill.training.loop import OutOfMemory
+
+    def never_fits(model, batch, gen):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    p = PARAMS.model_copy(update={"min_micro_batch": 4})
+    with pytest.raises(OutOfMemory, match=r"out of memory at step 1 of 12 and micro-batches are already at 4 "
+                                          r"samples \(train.min_micro_batch is 4\)") as exc:
+        train(toy_model(), never_fits, batch_fn, p, tmp_path, seed=0)
+    assert exc.value.EXIT_CODE == 3 and checkpoints(tmp_path) == []
+
+
+def test_split_batch_keeps_structure_and_shares():
+    from sd_distill.training.loop import split_batch
+
+    x, cond, w = torch.arange(10.0), torch.zeros(10, 3), torch.tensor(2.0)
+    pieces = split_batch((x, cond, w), 4)
+    assert [len(p[0]) for p, _ in pieces] == [2, 3, 3, 2] and sum(s for _, s in pieces) == pytest.approx(1.0)
+    assert torch.equal(torch.cat([p[0] for p, _ in pieces]), x) and all(p[2] is w for p, _ in pieces)
+    assert [len(p["x"]) for p, _ in split_batch({"x": x}, 2)] == [5, 5]

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import shutil
-import subprocess
+import subprocess  # nosec B404: runs dvc from this environment, an argument list, no shell
 import sys
 from pathlib import Path
 
@@ -16,6 +16,11 @@ EPILOG = """examples:
   sd-distill params --set teacher.unet_train.steps=50
   sd-distill run prepare                    one stage, reading ./params.yaml
   sd-distill run teacher --resume           continue from the stage's last checkpoint
+  sd-distill run teacher --force            rerun a stage that is up to date
+
+exit status: 0 done or up to date; 1 crash (retryable); 2 bad params, input or model folder; 3 training failed
+(NaN/Inf loss, out of memory at train.min_micro_batch); 75 the stage is running elsewhere in this project
+(retryable); 143 stopped by SIGTERM with a checkpoint (retryable: a rerun with --resume continues)
   sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
   sd-distill run halve@8 --profile smoke --overrides '{"halve.train.batch_size": 16}'   as Airflow/Kubeflow do
   sd-distill kfp compile                    components/sd_distill_pipeline.yaml for Kubeflow Pipelines
@@ -50,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", help="stage name (see `sd-distill stages`)")
     _params_args(p)
     p.add_argument("--resume", action="store_true", help="continue training from the stage's last checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="run even if the stage is up to date (same inputs and params as its last finished run)")
     p.add_argument("--dry-run", action="store_true", help="resolve and print the params, run nothing")
     orch = p.add_argument_group("run parameters from an orchestrator (Airflow, Kubeflow)")
     orch.add_argument("--profile", choices=("tiny", "smoke", "sd15"), default=None,
@@ -170,7 +177,7 @@ def cmd_run(args) -> int:
     from sd_distill.runner import run_stage
 
     summary = run_stage(stage.name, params, root=args.params.resolve().parent, resume=args.resume,
-                        pipeline_run=args.pipeline_run)
+                        pipeline_run=args.pipeline_run, force=args.force)
     print(json.dumps({"stage": stage.name, **summary}, indent=2))
     return 0
 
@@ -191,7 +198,7 @@ def cmd_repro(args) -> int:
     with tracking.pipeline_run(Path("."), params.profile) as run_id:
         logging.getLogger("sd_distill").info("MLflow parent run %s", run_id)
         env[tracking.PARENT_ENV] = run_id  # the stages log child runs under it
-        rc = subprocess.call([dvc, "repro", *args.dvc_args], env=env)
+        rc = subprocess.call([dvc, "repro", *args.dvc_args], env=env)  # nosec B603: dvc next to this Python, a list
         if rc:
             raise SystemExit(rc)
     return 0
@@ -274,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers warns at import that torchvision is absent; sd-distill uses no image processors
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # mlflow sets its loggers' level when imported (after the lines below): its INFO lines are not ours to print
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "accelerate"):
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"sd-distill {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "EXIT_CODE", UserError.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -25,28 +25,47 @@ from sd_distill.params import PROFILE_NAMES, SECTIONS
 
 log = logging.getLogger("sd_distill")
 
+# what `sd-distill run` exit statuses mean (sd_distill.errors); 2 and 3 are not retried
+EXIT_MEANINGS = {1: "crashed", 2: "bad params, input or model folder", 3: "training failed: NaN/Inf loss or out of "
+                 "memory at the smallest micro-batch", 75: "the stage is running elsewhere in this project",
+                 143: "stopped by SIGTERM with a checkpoint"}
+
+
+def terminated_exit_code(pod: Any, container: str) -> int | None:
+    """The exit status of ``container`` in a finished pod (a ``kubernetes.client.V1Pod``); None if unknown."""
+    statuses = getattr(getattr(pod, "status", None), "container_statuses", None) or []
+    for status in statuses:
+        terminated = getattr(getattr(status, "state", None), "terminated", None)
+        if status.name == container and terminated is not None:
+            return terminated.exit_code
+    return None
+
 # The cluster-side contract (the k8s/ manifests create these): one image runs every stage.
 IMAGE = "ghcr.io/sd-distill/trainer:0.1.0"
 ARTIFACTS_PVC = "sd-distill-artifacts"  # ReadWriteMany: data, checkpoints, models, reports of every run
 ARTIFACTS_MOUNT = "/workspace"
 WORKDIR = f"{ARTIFACTS_MOUNT}/sd-distill"  # the project folder (params.yaml, data/, models/, reports/)
-MLFLOW_SECRET = "sd-distill-mlflow"  # tracking URI and credentials; never a run parameter
+# tracking URI and credentials; never a run parameter
+MLFLOW_SECRET = "sd-distill-mlflow"  # nosec B105: the Secret's name, not a credential
 MLFLOW_SECRET_REQUIRED = ("MLFLOW_TRACKING_URI",)
 MLFLOW_SECRET_OPTIONAL = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 RUN_AS_USER = 1000  # the trainer image's non-root user (docker/Dockerfile)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+# Paths inside the pod, each an emptyDir of its own (no other user shares them), not this host's temp folders
+SHM_MOUNT = "/dev/shm"  # nosec B108: a pod-private emptyDir mount path
+TMP_MOUNT = "/tmp"  # nosec B108: a pod-private emptyDir mount path
 SHM_LIMIT = "8Gi"  # /dev/shm for DataLoader workers: a memory-backed emptyDir
 RETRIES = 2  # attempts after the first; each resumes from the stage's last checkpoint
 RETRY_DELAY_S = 60
 # The root filesystem is read-only: every cache lives on the artifacts volume or in /tmp (an emptyDir).
 CACHE_ENV = {
-    "HOME": "/tmp",
+    "HOME": TMP_MOUNT,
     "HF_HOME": f"{ARTIFACTS_MOUNT}/.cache/huggingface",
     "XDG_CACHE_HOME": f"{ARTIFACTS_MOUNT}/.cache",
     "TRITON_CACHE_DIR": f"{ARTIFACTS_MOUNT}/.cache/triton",
-    "MPLCONFIGDIR": "/tmp/matplotlib",
+    "MPLCONFIGDIR": f"{TMP_MOUNT}/matplotlib",
 }
 # What a run hands its user: surfaced by Kubeflow as the pipeline's Output[Model] and Output[Metrics].
 DELIVERABLES = {"student": "models/student", "metrics": "reports/metrics.json"}
@@ -155,7 +174,7 @@ def run_component(stage: str, profile: str, overrides: dict[str, Any], workdir: 
     In this process, under torchrun when a training stage gets several GPUs, or as a TrainJob on several
     nodes (the component's service account needs RBAC for trainjobs.trainer.kubeflow.org).
     """
-    import subprocess
+    import subprocess  # nosec B404: runs torchrun from this environment, an argument list, no shell
     import sys
 
     from sd_distill.cli import main
@@ -181,7 +200,8 @@ def run_component(stage: str, profile: str, overrides: dict[str, Any], workdir: 
     elif program == ["sd-distill"]:
         rc = main(args)
     else:
-        rc = subprocess.call([str(Path(sys.executable).parent / program[0]), *program[1:], *args])
+        command = [str(Path(sys.executable).parent / program[0]), *program[1:], *args]
+        rc = subprocess.call(command)  # nosec B603: launcher()'s torchrun, from this environment, no shell
     if rc:
         raise SystemExit(rc)
     return fingerprint(s, Path(workdir), upstream)
@@ -260,7 +280,7 @@ def trainjob_manifest(stage: registry.Stage, *, name: str, namespace: str, image
                                     "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                                     "seccompProfile": {"type": "RuntimeDefault"}},
                 "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT},
-                                 {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
+                                 {"name": "dshm", "mountPath": SHM_MOUNT}, {"name": "tmp", "mountPath": TMP_MOUNT}],
             }],
         },
     }

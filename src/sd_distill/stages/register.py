@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,23 +162,79 @@ def _champion(client: MlflowClient, p: RegisterParams) -> Champion | None:
     return Champion(int(mv.version), float(raw) if raw is not None else None)
 
 
-def register(client: MlflowClient, student_dir: Path, row: Mapping, key: str,
+GATE_TAG, REVOKED_TAG = TAG + "gate", TAG + "revoked"
+
+
+def _champion_ranking(p: RegisterParams):
+    """Sort key over versions: best ``primary_metric`` first, the earlier version on a tie (a newcomer must be
+    strictly better to take over)."""
+    sign = 1.0 if p.primary_mode == "min" else -1.0
+    return lambda v: (sign * float(v.tags[f"{TAG}metric.{p.primary_metric}"]), int(v.version))
+
+
+def _move_alias(client: MlflowClient, name: str, alias: str, version, attempts: int = 20) -> bool:
+    """Set ``alias``; MLflow's SQL store inserts the alias row after reading it absent, so two registrations at once
+    can collide on its UNIQUE constraint: try again (the other writer's row is there by then)."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return True
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc) and "Duplicate" not in str(exc):
+                raise
+            log.debug("register: moving %s raced another registration (%s); again", alias, exc)
+            time.sleep(0.01 * (attempt + 1))
+    return False
+
+
+def settle_champion(client: MlflowClient, p: RegisterParams, attempts: int = 50) -> int | None:
+    """Point ``champion`` at the best finished version that passed the gate, and check that it stayed there.
+
+    Finished: it has its key tag (set last by ``register``). Best: ``primary_metric``, ties to the earlier version.
+    Versions tagged ``sd_distill.revoked`` (a user taking one out of the running) are left out. Registrations running
+    at the same time each re-read after writing until the alias they read is the best they see; the last one to
+    finish sees every version, so the alias ends on the best of all, whatever the interleaving. Returns its version.
+    """
+    metric_tag = f"{TAG}metric.{p.primary_metric}"
+    for _ in range(attempts):
+        versions = client.search_model_versions(f"name = '{p.model_name}'")
+        eligible = [v for v in versions if v.tags.get(GATE_TAG) == "pass" and KEY_TAG in v.tags
+                    and REVOKED_TAG not in v.tags and metric_tag in v.tags]
+        if not eligible:
+            return None
+        best = min(eligible, key=_champion_ranking(p))
+        current = _champion(client, p)
+        if current is not None and current.version == int(best.version):
+            return current.version
+        _move_alias(client, p.model_name, p.champion_alias, best.version, attempts=1)
+    raise RuntimeError(f"register: the {p.champion_alias!r} alias of {p.model_name} kept moving under "
+                       f"{attempts} re-reads; other registrations are still running, rerun this stage")
+
+
+def register(client: MlflowClient, model_uri: str, row: Mapping, key: str,
              p: RegisterParams) -> tuple[ModelVersion, Decision]:
-    """Log, register and tag a new version; move the aliases. The key tag is set last, so an interrupted
-    registration is redone on the next run instead of being taken for a finished one."""
+    """Register ``model_uri`` as a new version, tag it, move ``candidate`` to it and settle ``champion``.
+
+    The key tag is set after the gate tags, so an interrupted registration is redone on the next run instead of
+    being taken for a finished one, and an unfinished version is never made champion."""
     decision = decide(row, p.gate, p.primary_metric, p.primary_mode, _champion(client, p))
-    info = log_student(student_dir, name="student")
-    mv = mlflow.register_model(info.model_uri, p.model_name)  # waits until READY (await_registration_for)
+    mv = mlflow.register_model(model_uri, p.model_name)  # waits until READY (await_registration_for)
     metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
     tags = {f"{TAG}metric.{m}": repr(float(row[m])) for m in metrics}
-    tags.update({f"{TAG}gate": "pass" if decision.passed else "fail", f"{TAG}decision": decision.label,
-                 f"{TAG}reasons": decision.reasons})
+    tags[GATE_TAG] = "pass" if decision.passed else "fail"
     for k, v in tags.items():
         client.set_model_version_tag(p.model_name, mv.version, k, v)
-    client.set_registered_model_alias(p.model_name, p.candidate_alias, mv.version)
-    if decision.promoted:
-        client.set_registered_model_alias(p.model_name, p.champion_alias, mv.version)
+    _move_alias(client, p.model_name, p.candidate_alias, mv.version)
     client.set_model_version_tag(p.model_name, mv.version, KEY_TAG, key)
+    champion = settle_champion(client, p)
+    promoted = champion == int(mv.version)
+    reasons = decision.reasons
+    if decision.passed and not promoted and (decision.champion is None or decision.champion.version != champion):
+        reasons += f"; v{champion}, registered meanwhile, ranks first"
+    decision = Decision(passed=decision.passed, promoted=promoted, reasons=reasons, checks=decision.checks,
+                        champion=decision.champion if promoted else _champion(client, p))
+    client.set_model_version_tag(p.model_name, mv.version, f"{TAG}reasons", reasons)
+    client.set_model_version_tag(p.model_name, mv.version, f"{TAG}decision", decision.label)
     return mv, decision
 
 
@@ -193,7 +250,7 @@ def main(ctx) -> None:
     client = MlflowClient()
     existing = _find(client, p.model_name, key)
     if existing is None:
-        mv, decision = register(client, student, row, key, p)
+        mv, decision = register(client, log_student(student, name="student").model_uri, row, key, p)
         version, label, reasons, checks = int(mv.version), decision.label, decision.reasons, decision.checks
     else:
         # same key: same row, bounds and params, so the per-bound checks are the same; the decision is the one

@@ -14,10 +14,13 @@ resumes under another process count.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -34,10 +37,11 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sd_distill.data.shards import sha256_file
-from sd_distill.errors import Preempted, UserError
+from sd_distill.errors import Preempted, TrainingFailed, UserError
 from sd_distill.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -49,8 +53,12 @@ MetricsFn = Callable[[dict[str, float], int], None]
 _COMPLETE = "COMPLETE"
 
 
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+class TrainingDiverged(TrainingFailed):
+    """The loss became NaN or Inf; the last good checkpoint is kept, nothing is published."""
+
+
+class OutOfMemory(TrainingFailed):
+    """Out of memory with micro-batches already at ``train.min_micro_batch``."""
 
 
 class CheckpointMismatch(UserError, RuntimeError):
@@ -62,8 +70,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, step, micro]).generate_state(2, dtype=np.uint32)
+def step_generator(seed: int, step: int, micro: int, *part: int) -> torch.Generator:
+    """The generator of step ``step``, micro-batch ``micro`` (and, once out of memory forced a split, of one of
+    its ``part``s): keyed by position, so a resumed run draws what the uninterrupted one drew."""
+    state = np.random.SeedSequence([seed, step, micro, *part]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -109,13 +119,6 @@ class LoopState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "losses": torch.tensor(self.losses, dtype=torch.float64)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.losses = [float(x) for x in state["losses"]]
-
 
 @dataclass
 class TrainResult:
@@ -143,13 +146,74 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _save_checkpoint(acc: Accelerator, workdir: Path, step: int, fingerprint: str, keep: int) -> Path:
+RNG_FILE = "rng_state.json"
+LOOP_FILE = "loop_state.json"
+EMA_FILE, EMA_CONFIG = "ema.safetensors", "ema.json"
+
+
+def rng_state() -> dict:
+    """This process's global RNG state (Python, NumPy, torch CPU and CUDA) as JSON-safe values."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    return {"python": [version, list(internal), gauss],
+            "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+            "torch": b64(torch.get_rng_state()),
+            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    """Set the global RNGs to ``state`` (from ``rng_state``): dropout and anything else drawing from them
+    continue exactly where the checkpointed run was."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {"key": np.array(np_state["state"]["key"], dtype=np.uint32),
+                                               "pos": np_state["state"]["pos"]}})
+    unb64 = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(unb64(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
+
+
+def _save_loop_state(folder: Path, state: LoopState, ema: EMAModel | None) -> None:
+    """What the loop itself restores, without pickle: step and losses, EMA weights, the global RNGs.
+
+    (``Accelerator.register_for_checkpointing`` would pickle these and unpickle them with ``weights_only=False``;
+    accelerate's own RNG restore is best-effort, logging instead of failing.)"""
+    (folder / LOOP_FILE).write_text(json.dumps({"step": state.step, "losses": state.losses}))
+    (folder / RNG_FILE).write_text(json.dumps(rng_state()))
+    if ema is not None:
+        config = ema.state_dict()
+        shadow = config.pop("shadow_params")
+        save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, str(folder / EMA_FILE))
+        (folder / EMA_CONFIG).write_text(json.dumps(config))
+
+
+def _load_loop_state(folder: Path, state: LoopState, ema: EMAModel | None) -> None:
+    saved = json.loads((folder / LOOP_FILE).read_text())
+    state.step, state.losses = int(saved["step"]), [float(x) for x in saved["losses"]]
+    if ema is not None:
+        if not (folder / EMA_FILE).is_file():
+            raise CorruptCheckpoint(f"{folder}: no {EMA_FILE} although train.ema_decay > 0")
+        tensors = load_file(str(folder / EMA_FILE))
+        config = json.loads((folder / EMA_CONFIG).read_text())
+        ema.load_state_dict({**config, "shadow_params": [tensors[str(i)] for i in range(len(tensors))]})
+    restore_rng(json.loads((folder / RNG_FILE).read_text()))
+
+
+def _save_checkpoint(acc: Accelerator, workdir: Path, state: LoopState, ema: EMAModel | None, fingerprint: str,
+                     keep: int) -> Path:
     """Write ``step-N`` so that it is complete or absent: a temporary sibling, fsynced, a marker holding
     every file's sha256, then a rename. Older checkpoints are rotated only after that."""
+    step = state.step
     final = workdir / f"step-{step:07d}"
     tmp = workdir / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp))  # model (safetensors), optimizer and scheduler (loaded back weights_only)
+    for pickled in tmp.glob("random_states_*.pkl"):  # accelerate's best-effort RNG copy: ours replaces it
+        pickled.unlink()
+    _save_loop_state(tmp, state, ema)
     (tmp / "train_params.json").write_text(fingerprint)
     files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     for name in files:
@@ -181,8 +245,35 @@ def verify_checkpoint(path: Path) -> None:
             raise CorruptCheckpoint(f"{path}: {name} does not match the sha256 its marker recorded (corrupt or "
                                     "changed after saving); delete this checkpoint to resume from the one before, "
                                     "or rerun without --resume")
-    if not any(name.startswith("random_states_") for name in recorded):
-        raise CorruptCheckpoint(f"{path}: no RNG state (random_states_*.pkl); an exact resume needs it")
+    for name in (RNG_FILE, LOOP_FILE):
+        if name not in recorded:
+            raise CorruptCheckpoint(f"{path}: no {'RNG' if name == RNG_FILE else 'loop'} state ({name}); an exact "
+                                    "resume needs it. Delete this checkpoint to resume from the one before, or rerun "
+                                    "without --resume")
+
+
+def split_batch(batch: Any, parts: int) -> list[tuple[Any, float]]:
+    """``batch`` (a tensor, or a tuple/list/dict of them with a common leading size) cut along its first dimension
+    into ``parts`` pieces, each with its share of the samples. Values without that leading size go to every piece."""
+    leaves = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+    size = next(t.shape[0] for t in leaves if torch.is_tensor(t) and t.ndim)
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        cut = lambda v: v[lo:hi] if torch.is_tensor(v) and v.ndim and v.shape[0] == size else v  # noqa: E731
+        if torch.is_tensor(batch):
+            piece = cut(batch)
+        elif isinstance(batch, dict):
+            piece = {k: cut(v) for k, v in batch.items()}
+        else:
+            piece = type(batch)(cut(v) for v in batch)
+        pieces.append((piece, (hi - lo) / size))
+    return pieces
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train(
@@ -203,7 +294,9 @@ def train(
 
     ``workdir`` holds the checkpoints (``step-NNNNNNN/``). With ``resume`` the loop continues from the
     newest complete one and refuses one made with different ``TrainParams``; without it old checkpoints
-    are removed. A NaN/Inf loss raises ``TrainingDiverged`` before the optimizer step.
+    are removed. A NaN/Inf loss raises ``TrainingDiverged`` before the optimizer step. Out of memory cuts
+    every micro-batch in two (then four, ...) pieces whose gradients add up to the same step, down to
+    ``p.min_micro_batch`` samples, then raises ``OutOfMemory``.
     """
     started = time.time()
     workdir = Path(workdir)
@@ -215,11 +308,15 @@ def train(
                         f"{world}th. Set grad_accum to a multiple of {world}.")
 
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     # Data-parallel: process r takes micro-batches r, r + world, ... of every step and DDP averages the
     # gradients, so any process count trains on the same global batch; the LR schedule counts optimizer steps.
+    # The loop accumulates gradients itself (so that a micro-batch can be split when memory runs out).
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if world > 1 else []
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=p.grad_accum // world, cpu=cpu,
-                      step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
+                      kwargs_handlers=handlers)
+    local_micro = list(range(acc.process_index, p.grad_accum, world))
     if world > 1:  # the main process decides (the runner sees retries there); all follow it
         resume = bool(broadcast_object_list([resume], from_process=0)[0])
     if acc.is_main_process and not resume and workdir.exists():
@@ -238,8 +335,6 @@ def train(
     objective, optimizer, scheduler = acc.prepare(_Objective(net, loss_fn), optimizer, scheduler)
     if ema is not None:
         ema.to(acc.device)
-        acc.register_for_checkpointing(ema)
-    acc.register_for_checkpointing(state)
 
     resumed_from = 0
     if resume and (found := checkpoints(workdir)):
@@ -250,42 +345,72 @@ def train(
             raise CheckpointMismatch(f"{last}: made with other training params; rerun without --resume "
                                      f"to start over.\n  checkpoint: {saved}\n  now:        {fingerprint}")
         acc.load_state(str(last))
+        _load_loop_state(last, state, ema)
         resumed_from = state.step
         log.info("%s: resumed from %s (step %d of %d)", name, last, state.step, p.steps)
 
-    bar = tqdm(total=p.steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty() or not acc.is_main_process)
-    window: list[float] = []
-    tick = time.time()
-    objective.train()
-    with StopOnSigterm() as sigterm:  # stop at a step boundary, checkpoint saved
-        while state.step < p.steps:
-            step = state.step
-            step_loss = 0.0
-            extras: dict[str, float] = {}
-            for micro in range(acc.process_index, p.grad_accum, world):
-                gen = step_generator(seed, step, micro)
-                batch = batch_fn(step, micro, gen)
-                with acc.accumulate(objective):
+    def one_step(step: int, parts: int) -> tuple[float, dict[str, float]]:
+        """Gradients of step ``step`` accumulated over this process's micro-batches, each cut in ``parts``."""
+        step_loss, extras = 0.0, {}
+        for i, micro in enumerate(local_micro):
+            gen = step_generator(seed, step, micro)
+            batch = batch_fn(step, micro, gen)
+            pieces = split_batch(batch, parts) if parts > 1 else [(batch, 1.0)]
+            for j, (piece, share) in enumerate(pieces):
+                g = gen if parts == 1 else step_generator(seed, step, micro, parts, j)
+                last = i == len(local_micro) - 1 and j == len(pieces) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(objective):  # DDP syncs once a step
                     with acc.autocast():
-                        loss, extra = objective(batch, gen)
+                        loss, extra = objective(piece, g)
                     value = float(loss.detach())
                     bad = value if world == 1 else float(acc.reduce(torch.tensor([value], device=acc.device),
                                                                       "sum").item())
                     if not math.isfinite(bad):  # every process stops, none waits on a gradient all-reduce
                         done = checkpoints(workdir)
+                        terms = ", ".join(f"{k}={v:.4g}" for k, v in extra.items()) or "one (the stage's loss)"
                         raise TrainingDiverged(
-                            f"{name}: loss is {value} at step {step + 1} (micro-batch {micro}); stopped before "
-                            f"the optimizer step. Last good checkpoint: {done[-1] if done else 'none yet'}. "
-                            "Lower the learning rate or check the inputs.")
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(net.parameters(), p.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += value / p.grad_accum
+                            f"{name}: loss is {value} at step {step + 1} of {p.steps} (micro-batch {micro}); loss "
+                            f"terms: {terms}. Stopped before the optimizer step; nothing is published. Last good "
+                            f"checkpoint: {done[-1] if done else 'none yet'}. Lower train.learning_rate or check the "
+                            "inputs.")
+                    # DDP averages over processes: each divides by its own count of micro-batches
+                    acc.backward(loss * share / len(local_micro))
+                step_loss += value * share / p.grad_accum
                 for k, v in extra.items():
-                    extras[k] = extras.get(k, 0.0) + v / p.grad_accum
+                    extras[k] = extras.get(k, 0.0) + v * share / p.grad_accum
+        return step_loss, extras
+
+    bar = tqdm(total=p.steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty() or not acc.is_main_process)
+    window: list[float] = []
+    tick = time.time()
+    parts = 1  # pieces each micro-batch is cut into; doubles when memory runs out
+    objective.train()
+    with StopOnSigterm() as sigterm:  # stop at a step boundary, checkpoint saved
+        while state.step < p.steps:
+            step = state.step
+            while True:
+                try:
+                    step_loss, extras = one_step(step, parts)
+                    break
+                except torch.OutOfMemoryError as exc:
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_memory()
+                    size = -(-p.batch_size // (2 * parts))  # the largest piece after one more split
+                    if world > 1 or size < p.min_micro_batch or 2 * parts > p.batch_size:
+                        why = ("under several processes the pieces would differ between them" if world > 1 else
+                               f"micro-batches are already at {-(-p.batch_size // parts)} samples (train."
+                               f"min_micro_batch is {p.min_micro_batch})")
+                        raise OutOfMemory(f"{name}: out of memory at step {step + 1} of {p.steps} and {why}. Lower "
+                                          "train.batch_size (raising train.grad_accum keeps the global batch), use "
+                                          f"a larger device or base.mixed_precision. ({exc})") from None
+                    parts *= 2
+                    log.warning("%s: out of memory at step %d; cutting each micro-batch of %d into %d pieces of "
+                                "at most %d (the global batch stays %d)", name, step + 1, p.batch_size, parts,
+                                size, p.batch_size * p.grad_accum)
+            acc.clip_grad_norm_(net.parameters(), p.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if world > 1:  # the logged loss is the global batch's
                 summed = acc.reduce(torch.tensor([step_loss, *extras.values()], device=acc.device), "sum").tolist()
@@ -315,7 +440,7 @@ def train(
             if state.step % p.checkpoint_every == 0 or state.step == p.steps or stop:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    _save_checkpoint(acc, workdir, state.step, fingerprint, p.keep_checkpoints)
+                    _save_checkpoint(acc, workdir, state, ema, fingerprint, p.keep_checkpoints)
                 acc.wait_for_everyone()
             if stop and state.step < p.steps:
                 bar.close()
