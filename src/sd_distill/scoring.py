@@ -222,11 +222,13 @@ class TextImageSuite:
     def _clip(self, name: str):
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            model, processor = CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name)
+        try:  # a hub id (downloaded once into the cache; HF_HUB_OFFLINE=1 forbids it) or a folder; never unpickled
+            model = CLIPModel.from_pretrained(  # nosec B615: the operator's model id (evaluate.clip_model); safetensors only
+                name, use_safetensors=True)
+            processor = CLIPProcessor.from_pretrained(name)  # nosec B615: tokenizer and image config, no weights
         except OSError as exc:
-            raise UserError(f"evaluate.clip_model: cannot load {name!r} as a CLIP model and processor (a hub id in "
-                            f"the local cache or a folder): {exc}") from None
+            raise UserError(f"evaluate.clip_model: cannot load {name!r} as a CLIP model with safetensors weights and "
+                            f"its processor (a hub id or a folder): {exc}") from None
         return model.to(self.device).eval(), processor
 
     def _hps(self, weights: str):

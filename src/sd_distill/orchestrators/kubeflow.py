@@ -90,9 +90,9 @@ def configure(task, stage: registry.Stage, *, gpus, node_selector, tolerations, 
         kubernetes.add_node_selector_json(task, node_selector)
         kubernetes.add_toleration_json(task, tolerations)
     kubernetes.mount_pvc(task, pvc_name=common.ARTIFACTS_PVC, mount_path=common.ARTIFACTS_MOUNT)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path=common.SHM_MOUNT, medium="Memory",
                                size_limit=common.SHM_LIMIT)
-    kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
+    kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path=common.TMP_MOUNT)
     kubernetes.use_secret_as_env(task, common.MLFLOW_SECRET, {k: k for k in common.MLFLOW_SECRET_REQUIRED})
     kubernetes.use_secret_as_env(task, common.MLFLOW_SECRET, {k: k for k in common.MLFLOW_SECRET_OPTIONAL},
                                  optional=True)
