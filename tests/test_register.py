@@ -227,21 +227,50 @@ def test_wrong_column_types_name_the_column():
 
 
 # --------------------------------------------------------------------------- registrations racing each other
-def test_twenty_concurrent_registrations_leave_one_consistent_champion(store, student_dir, tmp_path):
-    """20 candidates registered at once (threads on one SQLite registry): one version each, and `champion` ends on
-    the best that passed the gate, whatever the interleaving of reads and alias moves."""
+class Jittery:
+    """A real MlflowClient whose calls each start after a random pause of up to 20 ms (seeded per thread), so that
+    racing registrations interleave in many orders rather than in the scheduler's usual one."""
+
+    def __init__(self, client, seed: int):
+        import random
+
+        self._client, self._rng = client, random.Random(seed)
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            import time
+
+            time.sleep(self._rng.uniform(0, 0.02))
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_twenty_concurrent_registrations_leave_one_consistent_champion(student_dir, tmp_path, monkeypatch):
+    """20 candidates registered at once (threads on a fresh SQLite registry, none of them finding the model name
+    registered yet): one version each, and `champion` ends on the best that passed the gate, whatever the
+    interleaving of reads and alias moves."""
     from concurrent.futures import ThreadPoolExecutor
 
     from sd_distill.serving import log_student
     from sd_distill.stages.register import register
 
+    uri = f"sqlite:///{tmp_path / 'race.db'}"
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, uri)
+    # one connection per thread: 20 registration processes would each have their own
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "25")
     p = make_project(tmp_path, student_dir, GOOD).register.model_copy(update={"model_name": "sd-distill-race"})
     with mlflow.start_run():
         uri = log_student(student_dir).model_uri
     # fid 1.00..1.19 in a scrambled order; every third candidate fails the gate (fid_ratio above 1.3)
-    rows = [{**GOOD, "fid": 1.0 + 0.01 * ((7 * i) % 20), "fid_ratio": 1.5 if i % 3 == 0 else 1.0} for i in range(20)]
+    rows = [{**GOOD, "fid": 1.0 + 0.01 * ((7 * i) % 20), "fid_ratio": 1.5 if i % 3 == 1 else 1.0} for i in range(20)]
     with ThreadPoolExecutor(max_workers=20) as pool:
-        done = list(pool.map(lambda i: register(MlflowClient(), uri, rows[i], f"race-{i}", p), range(20)))
+        done = list(pool.map(lambda i: register(Jittery(MlflowClient(), i), uri, rows[i], f"race-{i}", p), range(20)))
 
     client = MlflowClient()
     versions = {int(v.version): client.get_model_version(p.model_name, v.version)

@@ -172,6 +172,25 @@ def _champion_ranking(p: RegisterParams):
     return lambda v: (sign * float(v.tags[f"{TAG}metric.{p.primary_metric}"]), int(v.version))
 
 
+def _ensure_registered_model(client: MlflowClient, name: str, attempts: int = 20) -> None:
+    """Create the registered model unless it exists. The first registrations of a new name racing each other can
+    all find it absent; the losers of the insert read it back instead of failing."""
+    for attempt in range(attempts):
+        try:
+            client.get_registered_model(name)
+            return
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        try:
+            client.create_registered_model(name)
+            return
+        except MlflowException as exc:  # created meanwhile (RESOURCE_ALREADY_EXISTS or the store's UNIQUE error)
+            log.debug("register: creating %s raced another registration (%s); reading it again", name, exc)
+            time.sleep(0.01 * (attempt + 1))
+    client.get_registered_model(name)
+
+
 def _move_alias(client: MlflowClient, name: str, alias: str, version, attempts: int = 20) -> bool:
     """Set ``alias``; MLflow's SQL store inserts the alias row after reading it absent, so two registrations at once
     can collide on its UNIQUE constraint: try again (the other writer's row is there by then)."""
@@ -217,6 +236,7 @@ def register(client: MlflowClient, model_uri: str, row: Mapping, key: str,
 
     The key tag is set after the gate tags, so an interrupted registration is redone on the next run instead of
     being taken for a finished one, and an unfinished version is never made champion."""
+    _ensure_registered_model(client, p.model_name)
     decision = decide(row, p.gate, p.primary_metric, p.primary_mode, _champion(client, p))
     mv = mlflow.register_model(model_uri, p.model_name)  # waits until READY (await_registration_for)
     metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
