@@ -15,7 +15,7 @@ LINT_STAMP := $(LINT_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup setup-airflow setup-lint run test images dvc-yaml kfp-yaml clean
+.PHONY: help setup setup-airflow setup-lint run test bench images dvc-yaml kfp-yaml clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ run: setup  ## run the whole DAG on the profile in params.yaml (tiny by default)
 
 test: setup setup-airflow setup-lint  ## run the test suite (sets up every environment it uses)
 	$(BIN)/python -m pytest -q
+
+bench: setup  ## time teacher vs student on this CPU (SD v1.5 shapes at 256 px, models/, training): reports/bench.md
+	sd-distill bench --device cpu --resolution 256 --warmup 1 --repeats 5
 
 dvc-yaml: setup  ## regenerate dvc.yaml from the stage registry
 	sd-distill dvc

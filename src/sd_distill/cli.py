@@ -28,6 +28,7 @@ exit status: 0 done or up to date; 1 crash (retryable); 2 bad params, input or m
   sd-distill sample models/steps-1 --prompt "a handwritten digit seven" --out seven-1step.png --scale 8
   sd-distill inspect --arch sd15 --bk small --decoder tiny   parameters and MACs per call, nothing downloaded
   sd-distill report                         the evaluation's comparison table in the terminal
+  sd-distill bench --resolution 256         teacher against student timed on this machine: reports/bench.md
 """
 
 
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics file written by the evaluate stage (default: reports/metrics.json)")
     p.add_argument("--sort", choices=("none", "fid", "latency"), default="none",
                    help="row order: evaluation order (default), best FID first, or fastest first")
+
+    from sd_distill import bench
+
+    bench.add_arguments(sub.add_parser("bench", help=bench.HELP, description=bench.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -273,8 +279,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from sd_distill import bench
+
+    return bench.main(args)
+
+
 COMMANDS = {"stages": cmd_stages, "params": cmd_params, "run": cmd_run, "repro": cmd_repro, "dvc": cmd_dvc,
-            "kfp": cmd_kfp, "sample": cmd_sample, "inspect": cmd_inspect, "report": cmd_report}
+            "kfp": cmd_kfp, "sample": cmd_sample, "inspect": cmd_inspect, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
