@@ -57,8 +57,8 @@ run: setup  ## run the whole DAG on the profile in params.yaml (tiny by default)
 test: setup setup-airflow setup-lint  ## run the test suite (sets up every environment it uses)
 	$(BIN)/python -m pytest -q
 
-bench: setup  ## time teacher vs student on this CPU (SD v1.5 shapes at 256 px, models/, training): reports/bench.md
-	sd-distill bench --device cpu --resolution 256 --warmup 1 --repeats 5
+bench: setup  ## time teacher vs student on this CPU (SD v1.5 at 512 px, models/, training): reports/bench.md
+	sd-distill bench --device cpu --resolution 512 --warmup 1 --repeats 3
 
 dvc-yaml: setup  ## regenerate dvc.yaml from the stage registry
 	sd-distill dvc
