@@ -116,7 +116,9 @@ def unsafe_calls(source: str, filename: str = "<source>") -> list[tuple[int, str
     return sorted(found)
 
 
-PLANTED = '''\
+# The scanner's own test file: unsafe calls as data (callee, arguments, the rule that must flag it, None for the safe
+# forms), written out to a temporary file and parsed, never run.
+PLANTED_HEADER = """\
 import os, pickle, subprocess
 import numpy as np
 import torch as T
@@ -129,38 +131,39 @@ class Strict(yaml.SafeLoader): ...
 class Loose(yaml.Loader): ...
 class Looser(Loose): ...
 
-T.load("w.pt")  # torch-load
-T.load("w.pt", weights_only=False)  # torch-load
-T.load("w.pt", **options)  # torch-load
-pickle.loads(blob)  # pickle
-np.load("a.npy", allow_pickle=True)  # pickle
-AutoModel.from_pretrained("org/model", trust_remote_code=True)  # trust-remote-code
-yaml.load(text)  # yaml-load
-yload(text, Loader=yaml.Loader)  # yaml-load
-yaml.full_load(text)  # yaml-load
-yaml.load(text, Loader=Looser)  # yaml-load
-eval("1 + 1")  # eval-exec
-exec("x = 1")  # eval-exec
-subprocess.run("ls " + path, shell=True)  # shell
-os.system("ls")  # shell
-# the safe forms: none of these is a finding
-T.load("w.pt", weights_only=True)
-np.load("a.npy")
-yaml.load(text, Loader=yaml.SafeLoader)
-yaml.load(text, Loader=Strict)
-yaml.safe_load(text)
-subprocess.run(["ls", path], shell=False)
-AutoModel.from_pretrained("org/model", trust_remote_code=False)
-model.eval()
-ast.literal_eval("1")
-'''
+"""
+PLANTED_CALLS = [
+    ("T.load", '"w.pt"', "torch-load"),
+    ("T.load", '"w.pt", weights_only=False', "torch-load"),
+    ("T.load", '"w.pt", **options', "torch-load"),
+    ("pickle.loads", "blob", "pickle"),
+    ("np.load", '"a.npy", allow_pickle=True', "pickle"),
+    ("AutoModel.from_pretrained", '"./local-model", trust_remote_code=True', "trust-remote-code"),
+    ("yaml.load", "text", "yaml-load"),
+    ("yload", "text, Loader=yaml.Loader", "yaml-load"),
+    ("yaml.full_load", "text", "yaml-load"),
+    ("yaml.load", "text, Loader=Looser", "yaml-load"),
+    ("eval", '"1 + 1"', "eval-exec"),
+    ("exec", '"x = 1"', "eval-exec"),
+    ("subprocess.run", '"ls " + path, shell=True', "shell"),
+    ("os.system", '"ls"', "shell"),
+    ("T.load", '"w.pt", weights_only=True', None),
+    ("np.load", '"a.npy"', None),
+    ("yaml.load", "text, Loader=yaml.SafeLoader", None),
+    ("yaml.load", "text, Loader=Strict", None),
+    ("yaml.safe_load", "text", None),
+    ("subprocess.run", '["ls", path], shell=False', None),
+    ("AutoModel.from_pretrained", '"./local-model", trust_remote_code=False', None),
+    ("model.eval", "", None),
+    ("ast.literal_eval", '"1"', None),
+]
 
 
 def test_source_scan_catches_a_planted_example_of_every_unsafe_load(tmp_path):
+    first = PLANTED_HEADER.count("\n") + 1
     planted = tmp_path / "planted.py"
-    planted.write_text(PLANTED)
-    expected = sorted((i, m.group(1)) for i, line in enumerate(PLANTED.splitlines(), 1)
-                      if (m := re.search(r"# ([a-z-]+)$", line)) and m.group(1) in RULES)
+    planted.write_text(PLANTED_HEADER + "".join(f"{callee}({args})\n" for callee, args, _ in PLANTED_CALLS))
+    expected = sorted((first + i, rule) for i, (_, _, rule) in enumerate(PLANTED_CALLS) if rule)
     assert {rule for _, rule in expected} == set(RULES)
     assert unsafe_calls(planted.read_text(), str(planted)) == expected
 
