@@ -81,7 +81,8 @@ def model(pipeline: Path, dest: Path, prediction_type=None, guidance_dim=None, s
 
 
 def project(tmp_path: Path) -> Path:
-    (tmp_path / "data" / "prepared").mkdir(parents=True)  # the stages below fail on their model before reading it
+    for data in ("prepared", "latents"):  # the stages below fail on their model before reading these
+        (tmp_path / "data" / data).mkdir(parents=True)
     write_params(tmp_path)
     return tmp_path
 

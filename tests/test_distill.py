@@ -35,7 +35,7 @@ def chain(request, smoke_project, tmp_path_factory):
         sections["vpred"] = {"zero_terminal_snr": True, "targets": "data"}
     # v_prediction with the defaults: same schedule, so vpred must copy the teacher through
     params = resolve(write_params(root, **sections))
-    for stage in ["teacher", *CHAIN]:
+    for stage in ["teacher", "encode", *CHAIN]:
         run_stage(stage, params, root)
     return kind, root
 

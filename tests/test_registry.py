@@ -14,7 +14,7 @@ def test_committed_dvc_yaml_is_generated_from_registry():
 def test_registry_invariants_hold():
     registry.check()
     names = [s.name for s in registry.STAGES]
-    assert names == ["prepare", "teacher", "vpred", "guidance", "prune", "halve@32", "halve@16", "halve@8",
+    assert names == ["prepare", "teacher", "encode", "vpred", "guidance", "prune", "halve@32", "halve@16", "halve@8",
                      "halve@4", "halve@2", "halve@1", "decoder", "assemble", "evaluate", "register"]
     for s in registry.STAGES:
         assert s.params_section in SECTIONS

@@ -54,7 +54,7 @@ class WBatch(NamedTuple):
 
 
 def noised_w_batch(batch, schedule: Schedule, device) -> WBatch:
-    """``LatentData.draw_with_w``'s (x, cond, t, w, noise) moved to ``device``, plus z_t, alpha_t and sigma_t."""
+    """``LatentBatches.draw_with_w``'s (x, cond, t, w, noise) moved to ``device``, plus z_t, alpha_t and sigma_t."""
     x, cond, t, w, noise = (b.to(device) for b in batch)
     alpha, sigma = (a.to(device) for a in schedule.alpha_sigma(t))
     return WBatch(x, cond, t, w, noise, alpha * x + sigma * noise, alpha, sigma)

@@ -47,6 +47,14 @@ class TrainParams(Section):
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(25, ge=1, description="steps between logged losses")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes reading training rows ahead of "
+                                "the step (0: read in the training process); does not change the result")
+    prefetch_batches: int = Field(2, ge=1, description="micro-batches each loader worker reads ahead")
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must have been made with to be resumed: every knob that changes the result."""
+        return json.dumps(self.model_dump(mode="json", exclude={"loader_workers", "prefetch_batches"}),
+                          sort_keys=True)
 
 
 class VaeArch(Section):
@@ -154,6 +162,18 @@ class TeacherParams(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     beta_start: float = Field(0.00085, gt=0, lt=1)
     beta_end: float = Field(0.012, gt=0, lt=1)
+
+
+class EncodeParams(Section):
+    """The teacher VAE's posteriors (fp16) and caption token ids of every prepared sample, written once."""
+
+    splits: tuple[Literal["train", "val", "test"], ...] = Field(("train",), min_length=1,
+                                                              description="prepared splits to encode")
+    batch_size: int = Field(256, ge=1, description="images per VAE call")
+    embeddings: Literal["stored", "computed"] = Field(
+        "stored", description="stored: the text encoder's output per distinct caption of a shard is written beside "
+                              "the token ids (few distinct prompts: tiny); computed: token ids only, the training "
+                              "step runs the frozen text encoder (almost every caption unique: sd15, 118 KB each)")
 
 
 class VpredParams(Section):
@@ -330,6 +350,7 @@ SECTIONS: dict[str, type[Section]] = {
     "base": BaseParams,
     "prepare": PrepareParams,
     "teacher": TeacherParams,
+    "encode": EncodeParams,
     "vpred": VpredParams,
     "guidance": GuidanceParams,
     "prune": PruneParams,
@@ -352,6 +373,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "vae_train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
             "unet_train": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 0},
         },
+        "encode": {"batch_size": 64},
         "vpred": {"train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "guidance": {"embedding_dim": 16,
                      "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
@@ -368,6 +390,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "prepare": {"source": "folder", "path": "data/raw", "resolution": 512, "min_size": 512,
                     "max_reject_rate": 0.2, "shard_size": 2000},
         "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
+        # almost every caption is unique: token ids on disk, the frozen text encoder runs in the training step
+        "encode": {"embeddings": "computed", "batch_size": 64},
         "prune": {"task_weight": 1.0, "task_share": 0.25},  # BK-SDM's loss weights
         "decoder": {"arch": {"channels": 64}, "train": {"batch_size": 8}, "eval_images": 64},  # TAESD's width
         "evaluate": {"batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"], "images_per_set": 1000,
@@ -604,6 +628,7 @@ class Params(BaseModel):
     base: BaseParams
     prepare: PrepareParams
     teacher: TeacherParams
+    encode: EncodeParams
     vpred: VpredParams
     guidance: GuidanceParams
     prune: PruneParams

@@ -4,7 +4,7 @@ Imports no torch, so DAG files and ``sd-distill stages`` stay fast. Paths live h
 a stage's entry receives them from its record (``ctx.inputs[...]`` / ``ctx.outputs[...]``).
 The DAG of the whole product (later stages join this table as their issues land)::
 
-    prepare -> teacher -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
+    prepare -> teacher -> encode -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
                       \\-> decoder -------------------------------------------------/
 """
 
@@ -59,8 +59,9 @@ class Stage:
 
 MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # a stage that samples a model (one GPU)
 TRAIN_STAGE = Resources(cpu="4", memory="16Gi", data_parallel=True)  # a stage that trains one
-CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/models/parts.py",
-                "src/sd_distill/training")
+CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/data/feed.py",
+                "src/sd_distill/data/store.py", "src/sd_distill/models/parts.py", "src/sd_distill/training")
+LATENTS = "data/latents"
 
 
 def halving_rounds() -> tuple[Stage, ...]:
@@ -72,7 +73,7 @@ def halving_rounds() -> tuple[Stage, ...]:
             name=f"halve@{n}",
             entry="sd_distill.stages.halve:main",
             doc=f"progressive distillation round: {2 * n}-step teacher -> {n}-step student (w-conditioned)",
-            inputs={"data": "data/prepared", "teacher": teacher},
+            inputs={"latents": LATENTS, "teacher": teacher},
             outputs={"model": f"models/steps-{n}"},
             code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
             resources=TRAIN_STAGE,
@@ -101,10 +102,21 @@ STAGES: tuple[Stage, ...] = (
         resources=TRAIN_STAGE,
     ),
     Stage(
+        name="encode",
+        entry="sd_distill.stages.encode:main",
+        doc="the teacher VAE's posteriors (fp16) and caption token ids of every prepared sample, once, as "
+            "memory-mapped shards that every training stage reads",
+        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        outputs={"latents": LATENTS},
+        code=("src/sd_distill/stages/encode.py", "src/sd_distill/data/store.py", "src/sd_distill/data/latents.py",
+              "src/sd_distill/data/shards.py", "src/sd_distill/models/parts.py"),
+        resources=TRAIN_STAGE,  # data-parallel: each process encodes its share of the shards
+    ),
+    Stage(
         name="vpred",
         entry="sd_distill.stages.vpred:main",
         doc="fine-tune the teacher to v-prediction (optionally on a zero-terminal-SNR schedule)",
-        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        inputs={"latents": LATENTS, "teacher": "models/teacher"},
         outputs={"model": "models/vpred"},
         code=("src/sd_distill/stages/vpred.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
@@ -113,7 +125,7 @@ STAGES: tuple[Stage, ...] = (
         name="guidance",
         entry="sd_distill.stages.guidance:main",
         doc="distill classifier-free guidance into a w-conditioned UNet (one call per step)",
-        inputs={"data": "data/prepared", "vpred": "models/vpred"},
+        inputs={"latents": LATENTS, "vpred": "models/vpred"},
         outputs={"model": "models/guided"},
         code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
@@ -122,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
         name="prune",
         entry="sd_distill.stages.prune:main",
         doc="BK-SDM block removal (base/small/tiny) distilled from the guided model; none: copy it through",
-        inputs={"data": "data/prepared", "guided": "models/guided"},
+        inputs={"latents": LATENTS, "guided": "models/guided"},
         outputs={"model": "models/pruned"},
         code=("src/sd_distill/stages/prune.py", "src/sd_distill/models/bk.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
@@ -132,7 +144,7 @@ STAGES: tuple[Stage, ...] = (
         name="decoder",
         entry="sd_distill.stages.decoder:main",
         doc="distill a TAESD-style AutoencoderTiny from the teacher's VAE (beside the UNet branch)",
-        inputs={"data": "data/prepared", "teacher": "models/teacher"},
+        inputs={"data": "data/prepared", "latents": LATENTS, "teacher": "models/teacher"},
         outputs={"model": "models/decoder"},
         metrics={"metrics": "reports/decoder.json"},
         code=("src/sd_distill/stages/decoder.py", *CODE_DISTILL),

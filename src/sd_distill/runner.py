@@ -131,12 +131,28 @@ def _write_done(root: Path, name: str, key: str, finals: dict[str, Path], summar
     tmp.rename(done)
 
 
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the stage locks: a flock lives as long as any
+    copy of its descriptor, and a worker outliving a killed stage must not keep the stage locked."""
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 @contextlib.contextmanager
 def stage_lock(root: Path, name: str):
     """Hold ``checkpoints/<name>.lock`` for the duration, or raise ``StageBusy`` naming the holder."""
     path = root / "checkpoints" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,6 +165,7 @@ def stage_lock(root: Path, name: str):
                   .encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing releases the lock
 
 

@@ -50,7 +50,7 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
     from diffusers import UNet2DConditionModel
 
     from sd_distill import diffusion
-    from sd_distill.data.latents import LatentData
+    from sd_distill.data.latents import LatentBatches
     from sd_distill.models import bk, costs, parts
     from sd_distill.stages import guidance, halve, prune, vpred
 
@@ -78,13 +78,19 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
     T = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(0)
     n = max(batches.values())
-    latents = LatentData(mean=torch.randn(n, channels, latent, latent, generator=gen), std=torch.full(
-        (n, channels, latent, latent), 0.1), scaling=0.18215, table=torch.randn(9, seq, width, generator=gen),
-        prompt_index=torch.randint(0, 8, (n,), generator=gen))
+    posterior = torch.stack([torch.randn(n, channels, latent, latent, generator=gen),
+                             torch.full((n, channels, latent, latent), 0.1)], dim=1)
+    table = torch.randn(9, seq, width, generator=gen)
+    prompt_index = torch.randint(0, 8, (n,), generator=gen)
+
+    def latents(size: int) -> LatentBatches:  # synthetic latents in memory: the data cost is not timed
+        return LatentBatches(n, size, 0.18215, table[-1],
+                             lambda step, micro, idx: {"posterior": posterior[idx], "cond": table[prompt_index[idx]]})
     dev, rows = o.device, []
 
     def timed(stage: str, title: str, student, loss_of, timesteps, sp, size: int) -> None:
-        draw = lambda: latents.draw_with_w(size, gen, timesteps, sp.w_min, sp.w_max)  # noqa: E731
+        batches = latents(size)
+        draw = lambda: batches.draw_with_w(0, 0, gen, timesteps, sp.w_min, sp.w_max)  # noqa: E731
         label = f"train/{stage}/{shapes}/b{size}"
         m = session.measure(label, _train_step(student, loss_of, draw, sp.train, o), size)
         rows.append({"name": title, "shapes": shapes, "batch": size, "from": [label],

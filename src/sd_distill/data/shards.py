@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -127,3 +128,79 @@ def read_split(root: Path, split: str, verify: bool = True) -> Split:
     if not images:
         raise ValueError(f"{root}: split {split!r} is empty")
     return Split(images=np.stack(images), captions=captions, meta=meta)
+
+
+def split_rows(root: Path, split: str) -> list[dict]:
+    """The manifest rows of ``split``'s shards, in order; raises if the split has none."""
+    rows = [r for r in read_manifest(root)["shards"] if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{Path(root) / MANIFEST}: split {split!r} has no shard")
+    return rows
+
+
+def check_shard(path: Path, row: dict, root: Path) -> None:
+    if sha256_file(path) != row["sha256"]:
+        raise ValueError(f"{path}: sha256 differs from {Path(root) / MANIFEST}; the shard was changed or truncated")
+
+
+def iter_shard(path: Path) -> Iterator[Sample]:
+    """The samples of one prepared shard, decoded one at a time, in shard order."""
+    for key, parts in _iter_tar(path):
+        yield Sample(key=key, image=np.asarray(Image.open(io.BytesIO(parts["png"])).convert("RGB")),
+                     caption=parts["txt"].decode("utf-8"), meta=json.loads(parts["json"]))
+
+
+def iter_split(root: Path, split: str, verify: bool = True) -> Iterator[Sample]:
+    """Stream one split sample by sample (one shard in memory at a time); ``verify`` checks each shard's sha256
+    before reading it."""
+    root = Path(root)
+    for row in split_rows(root, split):
+        path = root / row["file"]
+        if verify:
+            check_shard(path, row, root)
+        yield from iter_shard(path)
+
+
+class PreparedImages:
+    """Random access to one split's images in the prepared tar shards, without loading the split: each shard's
+    member offsets are read (and its sha256 checked) the first time one of its samples is asked for. Sample i is
+    the i-th of the split in shard order, as ``data/latents`` numbers them. Usable from DataLoader workers (each
+    process opens its own files)."""
+
+    def __init__(self, root: Path, split: str, verify: bool = True):
+        self.root, self.verify = Path(root), verify
+        self.rows = split_rows(self.root, split)
+        self._starts = np.cumsum([0] + [r["samples"] for r in self.rows])
+        self.size = int(self._starts[-1])
+        self._index: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": {}}
+
+    def _members(self, s: int) -> list[tuple[int, int]]:
+        key = (os.getpid(), s)
+        if key not in self._index:
+            path = self.root / self.rows[s]["file"]
+            if self.verify:
+                check_shard(path, self.rows[s], self.root)
+            with tarfile.open(path) as tar:
+                self._index[key] = [(m.offset_data, m.size) for m in tar if m.name.endswith(".png")]
+            if len(self._index[key]) != self.rows[s]["samples"]:
+                raise ValueError(f"{path}: {len(self._index[key])} images, {self.root / MANIFEST} says "
+                                 f"{self.rows[s]['samples']}")
+        return self._index[key]
+
+    def images(self, idx) -> np.ndarray:
+        """(B, H, W, 3) uint8 images of samples ``idx``, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        which = np.searchsorted(self._starts, idx, side="right") - 1
+        out = []
+        for i, s in zip(idx, which):
+            offset, size = self._members(int(s))[i - self._starts[s]]
+            with open(self.root / self.rows[s]["file"], "rb") as f:
+                f.seek(offset)
+                out.append(np.asarray(Image.open(io.BytesIO(f.read(size))).convert("RGB")))
+        return np.stack(out)

@@ -26,7 +26,10 @@ import json
 import logging
 import statistics
 import time
+from itertools import islice
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +37,10 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from torch.func import functional_call
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from sd_distill.data.feed import KeyedRows, Prefetch, draw_indices
 from sd_distill.data.latents import encode_images, to_model_range
-from sd_distill.data.shards import read_split
+from sd_distill.data.shards import PreparedImages, iter_split
+from sd_distill.data.store import LatentsError, LatentStore, check_models
 from sd_distill.models import parts
 from sd_distill.models.parts import pick_device
 from sd_distill.params import BaseParams, DecoderParams
@@ -150,21 +155,43 @@ def evaluate_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Te
     }
 
 
-def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Tensor, p: DecoderParams,
+def training_rows(latents: Path, data: Path, vae: AutoencoderKL, p: DecoderParams, seed: int) -> tuple[int, Prefetch]:
+    """The train split's posteriors (``data/latents``, checked to come from ``vae``) and pixels (the prepared
+    shards, by random access), read ahead for the loop: (samples, prefetch)."""
+    store = LatentStore(latents)
+    check_models(store.manifest, latents, "decoder", "the teacher", vae)
+    pixels = PreparedImages(data, "train")
+    if len(pixels) != len(store):
+        raise LatentsError(f"decoder: {latents} holds {len(store)} train samples, {data} {len(pixels)}; the latents "
+                           "were encoded from other prepared data. Rerun `sd-distill run encode`")
+
+    def load(idx):
+        return {"posterior": store.rows(idx)["posterior"], "pixels": torch.from_numpy(pixels.images(idx))}
+
+    prefetch = Prefetch(KeyedRows(load, len(store), p.train.batch_size, seed), p.train.steps, p.train.grad_accum,
+                        p.train.loader_workers, p.train.prefetch_batches, pin=vae.device.type == "cuda",
+                        verifier=store.verifier)
+    return len(store), prefetch
+
+
+def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int, prefetch: Prefetch, p: DecoderParams,
                     base: BaseParams, work: Path, *, resume: bool = False,
                     on_metrics: MetricsFn | None = None) -> AutoencoderTiny:
-    """Train ``tiny`` on (N, 3, H, W) images in [-1, 1] to copy ``vae`` (frozen, on its device); returns it."""
+    """Train ``tiny`` to copy ``vae`` (frozen, on its device) on ``n`` training samples whose posteriors and pixels
+    ``prefetch`` reads (see ``training_rows``); returns it."""
     sf = vae.config.scaling_factor
-    mean, std = encode_images(vae, images, p.train.batch_size)  # posteriors, computed once
     torch.manual_seed(base.seed)
     critic = patch_discriminator(p.arch.channels) if p.adversarial_weight > 0 else None
-    n = len(images)
 
     def batch_fn(step, micro, gen):
-        idx = torch.randint(0, n, (p.train.batch_size,), generator=gen)
-        sample = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        idx = draw_indices(n, p.train.batch_size, gen)
+        ahead, rows = prefetch.get(step, micro)
+        if not torch.equal(ahead, idx):
+            raise RuntimeError(f"decoder: rows read ahead for step {step}, micro-batch {micro} differ from the draw")
+        mean, std = rows["posterior"][:, 0].float(), rows["posterior"][:, 1].float()
+        sample = mean + std * torch.randn(mean.shape, generator=gen)
         z = sf * sample + p.latent_noise * torch.randn(sample.shape, generator=gen)
-        return images[idx], z, sf * mean[idx]
+        return to_model_range(rows["pixels"].numpy()), z, sf * mean
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
@@ -198,14 +225,19 @@ def main(ctx) -> None:
     p: DecoderParams = ctx.params.decoder
     device = pick_device(ctx.params.base)
     vae = load_teacher_vae(ctx.inputs["teacher"]).to(device).eval().requires_grad_(False)
-    train_images = to_model_range(read_split(ctx.inputs["data"], "train").images)
-    test_images = to_model_range(read_split(ctx.inputs["data"], "test").images[:p.eval_images])
+    held_out = islice(iter_split(ctx.inputs["data"], "test"), p.eval_images)
+    test_images = to_model_range(np.stack([s.image for s in held_out]))
 
     torch.manual_seed(ctx.params.base.seed)
     tiny = parts.build_tiny_autoencoder(dict(vae.config), p.arch).to(device).eval()
     baseline = evaluate_decoder(vae, tiny, test_images, p.train.batch_size, timing=False)["psnr_tiny_vs_full"]
-    tiny = distill_decoder(vae, tiny, train_images, p, ctx.params.base, ctx.work, resume=ctx.resume,
-                           on_metrics=ctx.log_metrics)
+    n, prefetch = training_rows(ctx.inputs["latents"], ctx.inputs["data"], vae, p, ctx.params.base.seed)
+    try:
+        tiny = distill_decoder(vae, tiny, n, prefetch, p, ctx.params.base, ctx.work, resume=ctx.resume,
+                               on_metrics=ctx.log_metrics)
+    finally:
+        prefetch.close()
+    prefetch.finish()
     metrics = {**evaluate_decoder(vae, tiny, test_images, p.train.batch_size),
                "psnr_tiny_vs_full_untrained": baseline}
     log.info("decoder: PSNR %.2f dB vs the full decoder (untrained %.2f), %.1fx faster decode",

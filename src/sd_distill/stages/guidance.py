@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
-from sd_distill.data.latents import latent_data
-from sd_distill.data.shards import read_split
+from sd_distill.data import latents as latent_data
 from sd_distill.models.parts import Needs, load_pipeline, pick_device
 from sd_distill.params import BaseParams, GuidanceParams
 from sd_distill.training.loop import MetricsFn, train
@@ -53,7 +52,7 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
     every_t = torch.arange(T)
 
     def batch_fn(step, micro, gen):
-        return latents.draw_with_w(p.train.batch_size, gen, every_t, p.w_min, p.w_max)
+        return latents.draw_with_w(step, micro, gen, every_t, p.w_min, p.w_max)
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
@@ -72,10 +71,10 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
 
 
 def main(ctx) -> None:
+    p, base = ctx.params.guidance, ctx.params.base
     pipe = load_pipeline(ctx.inputs["vpred"], needs=NEEDS)
-    split = read_split(ctx.inputs["data"], "train")
-    latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
-    pipe = distill_guidance(pipe, latents, ctx.params.guidance, ctx.params.base, ctx.work, resume=ctx.resume,
-                            on_metrics=ctx.log_metrics)
+    with latent_data.from_disk(ctx.inputs["latents"], pipe, "guidance", ctx.inputs["vpred"].name, p.train, base.seed,
+                               pick_device(base)) as latents:
+        pipe = distill_guidance(pipe, latents, p, base, ctx.work, resume=ctx.resume, on_metrics=ctx.log_metrics)
     pipe.save_pretrained(ctx.outputs["model"], safe_serialization=True)
     ctx.summary["time_cond_proj_dim"] = ctx.params.guidance.embedding_dim

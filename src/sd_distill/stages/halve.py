@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from sd_distill import diffusion, registry
-from sd_distill.data.latents import latent_data
-from sd_distill.data.shards import read_split
+from sd_distill.data import latents as latent_data
 from sd_distill.models.parts import ModelError, Needs, check_pipeline, load_pipeline, pick_device, read_config
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training.loop import MetricsFn, train
@@ -75,7 +74,7 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
     tp = p.train_for(student_steps)
 
     def batch_fn(step, micro, gen):
-        return latents.draw_with_w(tp.batch_size, gen, grid, p.w_min, p.w_max)
+        return latents.draw_with_w(step, micro, gen, grid, p.w_min, p.w_max)
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
@@ -138,10 +137,11 @@ def main(ctx) -> None:
     check_pipeline(source, needs)
     check_card(source, None if first else teacher_steps, ctx.stage.name, producer)
     pipe = load_pipeline(source, needs=needs)
-    split = read_split(ctx.inputs["data"], "train")
-    latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
-    pipe = distill_round(pipe, latents, n, teacher_steps, p, ctx.params.base, ctx.work,
-                         resume=ctx.resume, on_metrics=ctx.log_metrics)
+    base = ctx.params.base
+    with latent_data.from_disk(ctx.inputs["latents"], pipe, ctx.stage.name, source.name,
+                               p.train_for(n), base.seed, pick_device(base)) as latents:
+        pipe = distill_round(pipe, latents, n, teacher_steps, p, base, ctx.work, resume=ctx.resume,
+                             on_metrics=ctx.log_metrics)
     out = ctx.outputs["model"]
     pipe.save_pretrained(out, safe_serialization=True)
     card = {"num_inference_steps": n, "guidance_scale_range": [1 + p.w_min, 1 + p.w_max], "mode": p.mode,

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
-from sd_distill.data.latents import latent_data
+from sd_distill.data import latents as latent_data
 from sd_distill.errors import UserError
-from sd_distill.data.shards import read_split
 from sd_distill.models import bk
 from sd_distill.models.parts import Needs, check_pipeline, load_pipeline, pick_device
 from sd_distill.params import BaseParams, PruneParams
@@ -89,7 +88,7 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
     n_task = round(p.task_share * p.train.batch_size)
 
     def batch_fn(step, micro, gen):
-        x, cond, t, w, noise = latents.draw_with_w(p.train.batch_size, gen, every_t, p.w_min, p.w_max)
+        x, cond, t, w, noise = latents.draw_with_w(step, micro, gen, every_t, p.w_min, p.w_max)
         w[:n_task] = 0.0  # the task-loss share: the conditional model, whose target the data gives
         return x, cond, t, w, noise
 
@@ -132,10 +131,11 @@ def main(ctx) -> None:
         summary = {"parent_parameters": n, "unet_parameters": n}
     else:
         pipe = load_pipeline(ctx.inputs["guided"], needs=NEEDS)
-        split = read_split(ctx.inputs["data"], "train")
-        latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
-        pipe, summary = distill_compact(pipe, latents, p, ctx.params.base, ctx.work, resume=ctx.resume,
-                                        on_metrics=ctx.log_metrics)
+        base = ctx.params.base
+        with latent_data.from_disk(ctx.inputs["latents"], pipe, "prune", ctx.inputs["guided"].name, p.train, base.seed,
+                                   pick_device(base)) as latents:
+            pipe, summary = distill_compact(pipe, latents, p, base, ctx.work, resume=ctx.resume,
+                                            on_metrics=ctx.log_metrics)
         pipe.save_pretrained(out, safe_serialization=True)
     summary["parameter_ratio"] = summary["unet_parameters"] / summary["parent_parameters"]
     (out / MODEL_CARD).write_text(json.dumps({"variant": p.variant, **summary}, indent=2))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_distill import diffusion
-from sd_distill.data.latents import encode_images, latent_data, to_model_range
+from sd_distill.data.latents import encode_images, in_memory, to_model_range
 from sd_distill.data.shards import Split, read_split
 from sd_distill.diffusion import Schedule, min_snr_weight
 from sd_distill.models import parts
@@ -63,7 +63,7 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
     mean, std = encode_images(vae, images)
     sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
     vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
-    latents = latent_data(vae, tokenizer, text_encoder, data.images, data.captions)
+    latents = in_memory(vae, tokenizer, text_encoder, data.images, data.captions, p.unet_train.batch_size)
     log.info("teacher: VAE latents %s, scaling_factor %.4f", tuple(mean.shape[1:]), latents.scaling)
 
     # 3. the UNet on scaled-linear betas, caption dropout for CFG (Ho & Salimans 2022)
@@ -73,7 +73,7 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
     schedule = Schedule.from_scheduler(noise_scheduler)
 
     def unet_batch(step, micro, gen):
-        x, cond, _ = latents.draw(p.unet_train.batch_size, gen, p.caption_dropout)
+        x, cond, _ = latents.draw(step, micro, gen, p.caption_dropout)
         t = torch.randint(0, p.num_train_timesteps, (len(x),), generator=gen)
         return x, cond, t, torch.randn(x.shape, generator=gen)
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from sd_distill import diffusion
-from sd_distill.data.latents import latent_data
-from sd_distill.data.shards import read_split
+from sd_distill.data import latents as latent_data
 from sd_distill.models.parts import Needs, load_pipeline, pick_device
 from sd_distill.params import BaseParams, VpredParams
 from sd_distill.training.loop import MetricsFn, train
@@ -62,7 +61,7 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
         teacher = diffusion.unet_denoiser(frozen, schedule, pipe.scheduler.config.prediction_type)
 
     def batch_fn(step, micro, gen):
-        x, cond, _ = latents.draw(p.train.batch_size, gen, p.caption_dropout)
+        x, cond, _ = latents.draw(step, micro, gen, p.caption_dropout)
         t = torch.randint(0, T, (len(x),), generator=gen)
         return x, cond, t, torch.randn(x.shape, generator=gen)
 
@@ -90,10 +89,10 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
 
 
 def main(ctx) -> None:
+    p, base = ctx.params.vpred, ctx.params.base
     pipe = load_pipeline(ctx.inputs["teacher"], needs=NEEDS)
-    split = read_split(ctx.inputs["data"], "train")
-    latents = latent_data(pipe.vae, pipe.tokenizer, pipe.text_encoder, split.images, split.captions)
     ctx.summary["teacher_prediction_type_is_v"] = float(pipe.scheduler.config.prediction_type == "v_prediction")
-    pipe = to_vpred(pipe, latents, ctx.params.vpred, ctx.params.base, ctx.work, resume=ctx.resume,
-                    on_metrics=ctx.log_metrics)
+    with latent_data.from_disk(ctx.inputs["latents"], pipe, "vpred", ctx.inputs["teacher"].name, p.train, base.seed,
+                               pick_device(base)) as latents:
+        pipe = to_vpred(pipe, latents, p, base, ctx.work, resume=ctx.resume, on_metrics=ctx.log_metrics)
     pipe.save_pretrained(ctx.outputs["model"], safe_serialization=True)

@@ -300,7 +300,7 @@ def train(
     """
     started = time.time()
     workdir = Path(workdir)
-    fingerprint = json.dumps(p.model_dump(mode="json"), sort_keys=True)
+    fingerprint = p.fingerprint()
     world = world_size()
     if p.grad_accum % world:
         raise UserError(f"{name}: train.grad_accum is {p.grad_accum}, which {world} processes cannot share: the "
