@@ -47,9 +47,9 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Dropout(args.dropout),
                                 torch.nn.Conv2d(8, 3, 3, padding=1))
     if args.no_rng_restore:
-        from sd_distill.training import loop
+        from sd_distill.training import checkpoint
 
-        loop.restore_rng = lambda state: None
+        checkpoint.restore_rng = lambda state: None
     clean = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def batch_fn(step, micro, gen):

@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from sd_distill.cli import main
 from sd_distill.data import latents as latent_data
 from sd_distill.data.latents import encode_images, in_memory, to_model_range, tokenize
-from sd_distill.data.shards import iter_split, read_split, sha256_file
-from sd_distill.data.store import LatentsError, LatentStore
+from sd_distill.data.shards import read_split, sha256_file
+from sd_distill.data.store import LatentStore
 from sd_distill.params import TrainParams, resolve
 from sd_distill.runner import run_stage
 from sd_distill.stages import encode

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_distill import report
 from sd_distill.data.shards import read_split
 from sd_distill.models.classifier import DigitClassifier, FeatureExtractor
 from sd_distill.params import resolve
@@ -76,16 +77,27 @@ def test_grid_has_one_labelled_row_per_model_and_the_same_prompts_in_every_row(e
     assert (pixels[:, : margin - 4] < 128).any()  # the row labels are drawn in the margin
 
 
+def test_pareto_front_by_hand_with_equal_latencies_and_ties():
+    table = [{"name": "slow-best", "latency_ms": 100.0, "fid": 1.0},  # the best FID: on the front
+             {"name": "fast-bad", "latency_ms": 1.0, "fid": 5.0},  # the fastest: on the front
+             {"name": "mid", "latency_ms": 10.0, "fid": 2.0},  # nothing both faster and better
+             {"name": "same-latency-worse", "latency_ms": 10.0, "fid": 2.5},  # mid is as fast and better
+             {"name": "twin-a", "latency_ms": 50.0, "fid": 1.5},  # equal points do not dominate each other
+             {"name": "twin-b", "latency_ms": 50.0, "fid": 1.5},
+             {"name": "slow-worse", "latency_ms": 100.0, "fid": 3.0},  # slow-best is as fast and better
+             {"name": "unmeasured", "latency_ms": None, "fid": 1.0}]  # no latency: not a point
+    fronts = {p["model"]: p["front"] for p in report.pareto(table)}
+    assert fronts == {"slow-best": 1, "fast-bad": 1, "mid": 1, "same-latency-worse": 0, "twin-a": 1, "twin-b": 1,
+                      "slow-worse": 0}
+
+
 def test_pareto_front_and_report_cover_every_model(evaluated):
     metrics = json.loads((evaluated / "reports" / "metrics.json").read_text())
     with open(evaluated / "reports" / "pareto.csv") as f:
         points = list(csv.DictReader(f))
     assert {p["model"] for p in points} == set(metrics["models"])
-    for p in points:  # a point is on the front exactly when no other point is at least as good on both axes
-        lat, fid_ = float(p["latency_ms"]), float(p["fid"])
-        dominated = any(float(o["latency_ms"]) <= lat and float(o["fid"]) <= fid_
-                        and (float(o["latency_ms"]) < lat or float(o["fid"]) < fid_) for o in points)
-        assert p["front"] == str(int(not dominated))
+    expected = {p["model"]: p["front"] for p in report.pareto(report.rows(metrics))}
+    assert {p["model"]: int(p["front"]) for p in points} == expected  # the CSV is the written front
     assert min(points, key=lambda p: float(p["latency_ms"]))["front"] == "1"
     assert Image.open(evaluated / "reports" / "pareto.png").size[0] > 400
     text = (evaluated / "reports" / "report.md").read_text()

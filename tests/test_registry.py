@@ -40,14 +40,49 @@ def test_stages_json_and_dvc_yaml_list_same_stages_and_edges():
         assert edge in dvc_edges
 
 
-def test_every_stage_entry_and_code_path_exist():
+def test_every_stage_entry_exists_and_its_code_deps_are_the_files_it_imports():
     import importlib
+    import sys
+
+    from sd_distill import codedeps
 
     for s in registry.STAGES:
         module, fn = s.entry.split(":")
         assert callable(getattr(importlib.import_module(module), fn))
-        for path in s.code:
-            assert (ROOT / path).exists(), f"{s.name}: code dep {path} missing"
+        code = codedeps.stage_code(s.entry)
+        assert all((ROOT / path).is_file() for path in code)
+        assert f"src/{module.replace('.', '/')}.py" in code and "src/sd_distill/params.py" in code
+    # what running a stage entry loads from the package is what dvc.yaml lists for it (imports inside functions too)
+    probe = ("import importlib, sys; m = importlib.import_module(sys.argv[1]); "
+             "print('\\n'.join(sorted(n for n in sys.modules if n.startswith('sd_distill'))))")
+    for name in ("evaluate", "decoder"):
+        entry = registry.get(name).entry.split(":")[0]
+        loaded = subprocess.run([sys.executable, "-c", probe, entry], capture_output=True, text=True, check=True)
+        listed = set(codedeps.closure(entry))
+        assert set(loaded.stdout.split()) <= listed, set(loaded.stdout.split()) - listed
+    evaluate = codedeps.stage_code(registry.get("evaluate").entry)
+    assert "src/sd_distill/models/costs.py" in evaluate  # MAC counting: a change reruns evaluate
+    assert "src/sd_distill/scoring.py" in evaluate and "src/sd_distill/stages/prune.py" not in evaluate
+
+
+def test_code_deps_follow_imports_inside_functions(tmp_path, monkeypatch):
+    from sd_distill import codedeps
+
+    pkg = tmp_path / "sd_distill"
+    (pkg / "sub").mkdir(parents=True)
+    for init in (pkg / "__init__.py", pkg / "sub" / "__init__.py"):
+        init.write_text("")
+    (pkg / "entry.py").write_text("import os\ndef main():\n    from sd_distill.sub import late\n")
+    (pkg / "sub" / "late.py").write_text("from sd_distill import leaf\n")
+    (pkg / "leaf.py").write_text("x = 1\n")
+    (pkg / "unused.py").write_text("")
+    monkeypatch.setattr(codedeps, "SRC", tmp_path)
+    codedeps.direct_imports.cache_clear()
+    try:
+        assert codedeps.closure("sd_distill.entry") == ["sd_distill", "sd_distill.entry", "sd_distill.leaf",
+                                                         "sd_distill.sub", "sd_distill.sub.late"]
+    finally:
+        codedeps.direct_imports.cache_clear()
 
 
 def test_dvc_check_flags_a_stale_file(tmp_path):

@@ -108,11 +108,9 @@ def test_sd15_profile_evaluation_with_stand_ins(smoke_project, stand_ins, tmp_pa
     shutil.copytree(smoke_project / "data", tmp_path / "data")
     captions, images = coco_fixture(tmp_path / "coco")
     (tmp_path / "parti.tsv").write_text("Prompt\na red cube\na blue bird\n")
-    resolution = resolve(write_params(tmp_path)).prepare.resolution  # the smoke models' image size
-    params = resolve(write_params(
+    params = resolve(write_params(  # evaluate reads the image size from the teacher, not from prepare's params
         tmp_path, profile="sd15",
         base={"device": "cpu", "mixed_precision": "no"},
-        prepare={"resolution": resolution, "min_size": 8},
         evaluate={"steps": 4, "baseline_steps": [2, 1], "batch_size": 4, "prompt_sets": ["coco", "parti"],
                   "images_per_set": 4, "latency_repeats": 1, "grid_columns": 3,
                   "coco_captions": str(captions), "coco_images": str(images), "parti_prompts": str(tmp_path / "parti.tsv"),

@@ -28,14 +28,17 @@ def test_teacher_folder_loads_offline_with_stock_diffusers_and_samples(smoke_pro
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
 
 
-def test_teacher_training_logged_decreasing_unet_loss(smoke_project, mlflow_store):
+def test_teacher_training_logged_decreasing_losses(smoke_project, mlflow_store):
     import mlflow
 
     client = mlflow.MlflowClient(mlflow_store)
     run = client.search_runs(client.get_experiment_by_name("sd-distill").experiment_id,
                              "tags.`sd_distill.stage` = 'teacher'", max_results=1)[0]
+    vae = [m.value for m in client.get_metric_history(run.info.run_id, "vae/loss")]
+    assert len(vae) == 4 and all(b < a for a, b in zip(vae, vae[1:]))  # every VAE step lowers it
     history = [m.value for m in client.get_metric_history(run.info.run_id, "unet/loss")]
     assert len(history) == 6 and all(np.isfinite(history))
+    assert np.mean(history[3:]) < np.mean(history[:3])  # six noisy UNet steps: the later half is lower
     assert run.data.params["teacher.unet_train.steps"] == "6"
     assert run.info.status == "FINISHED"
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sd_distill.params import TrainParams
-from sd_distill.training.loop import CheckpointMismatch, CorruptCheckpoint, TrainingDiverged, checkpoints, train
+from sd_distill.training.checkpoint import CheckpointMismatch, CorruptCheckpoint, checkpoints
+from sd_distill.training.loop import TrainingDiverged, train
 
 X = torch.linspace(-1, 1, 256).unsqueeze(1)
 Y = torch.sin(3 * X)

@@ -1,7 +1,8 @@
 """``dvc.yaml`` generated from the stage registry (``sd-distill dvc``); a test fails when the file drifts.
 
 Rounds of one stage (``halve@32``, ``halve@16``...) become one DVC ``foreach`` stage, so DVC names them
-``halve@32``... exactly as the registry does.
+``halve@32``... exactly as the registry does. A stage's code dependencies are the source files its entry
+imports (``codedeps``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from sd_distill import registry
+from sd_distill import codedeps, registry
 
 HEADER = "# Generated from src/sd_distill/registry.py by `sd-distill dvc`. Do not edit by hand.\n"
 
 
 def _entry(s: registry.Stage, name: str, inputs: list[str], outputs: list[str]) -> dict:
     entry: dict = {"cmd": f"sd-distill run {name}"}
-    entry["deps"] = list(dict.fromkeys([*inputs, *registry.CODE_COMMON, *s.code]))
+    entry["deps"] = list(dict.fromkeys([*inputs, *codedeps.stage_code(s.entry)]))  # the code it imports
     entry["params"] = ["profile", "base", s.params_section]
     outs = [*outputs, *({path: {"cache": False}} for path in s.reports.values())]
     if outs:

@@ -300,6 +300,9 @@ class AssembleParams(Section):
 
 
 class EvaluateParams(Section):
+    suite: Literal["digits", "text-image"] = Field(
+        "digits", description="digits: classifier accuracy and FID in its feature space on digit prompts (tiny, "
+                              "smoke); text-image: the prompt_sets with FID, IS, CLIP score, HPSv2 (sd15)")
     steps: int = Field(64, ge=1, description="teacher sampling steps (DDIM)")
     guidance: float = Field(7.5, ge=1, description="classifier-free guidance scale, diffusers convention")
     samples_per_prompt: int = Field(50, ge=1)
@@ -323,6 +326,15 @@ class EvaluateParams(Section):
     inception: str | None = Field(None, description="TorchScript FID Inception, inception-2015-12-05.pt (local)")
     clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for CLIP score: hub id or folder")
     hpsv2_weights: str | None = Field(None, description="HPS_v2_compressed.pt; null: no HPSv2 (needs `hpsv2`)")
+
+    @model_validator(mode="after")
+    def _check_suite(self) -> "EvaluateParams":
+        if self.suite == "text-image" and not self.prompt_sets:
+            raise ValueError("suite text-image needs prompt_sets (one or more of coco, parti, hpsv2)")
+        if self.suite == "digits" and self.prompt_sets:
+            raise ValueError(f"prompt_sets {list(self.prompt_sets)} are scored by suite text-image; the digits suite "
+                             "has its own prompts (set suite: text-image, or prompt_sets: [])")
+        return self
 
 
 class GateBound(Section):
@@ -394,7 +406,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "encode": {"embeddings": "computed", "batch_size": 64},
         "prune": {"task_weight": 1.0, "task_share": 0.25},  # BK-SDM's loss weights
         "decoder": {"arch": {"channels": 64}, "train": {"batch_size": 8}, "eval_images": 64},  # TAESD's width
-        "evaluate": {"batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"], "images_per_set": 1000,
+        "evaluate": {"suite": "text-image", "batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"],
+                     "images_per_set": 1000,
                      "baseline_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,
                      "coco_captions": "data/eval/coco/annotations/captions_val2017.json",
                      "coco_images": "data/eval/coco/val2017", "parti_prompts": "data/eval/PartiPrompts.tsv",

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from sd_distill.errors import UserError
 from sd_distill.params import HALVING_STEPS, SECTIONS
 
-CODE_COMMON = ("src/sd_distill/params.py",)
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,6 @@ class Stage:
     plots: dict[str, str] = field(default_factory=dict)  # role -> path (DVC plots, cache: false)
     plot_specs: dict[str, dict] = field(default_factory=dict)  # path -> DVC top-level plot definition
     reports: dict[str, str] = field(default_factory=dict)  # role -> path of a document (DVC outs, cache: false)
-    code: tuple[str, ...] = ()  # source files whose change reruns the stage
     resources: Resources = Resources()
 
     @property
@@ -59,8 +57,6 @@ class Stage:
 
 MODEL_STAGE = Resources(cpu="4", memory="16Gi")  # a stage that samples a model (one GPU)
 TRAIN_STAGE = Resources(cpu="4", memory="16Gi", data_parallel=True)  # a stage that trains one
-CODE_DISTILL = ("src/sd_distill/diffusion.py", "src/sd_distill/data/latents.py", "src/sd_distill/data/feed.py",
-                "src/sd_distill/data/store.py", "src/sd_distill/models/parts.py", "src/sd_distill/training")
 LATENTS = "data/latents"
 
 
@@ -75,7 +71,6 @@ def halving_rounds() -> tuple[Stage, ...]:
             doc=f"progressive distillation round: {2 * n}-step teacher -> {n}-step student (w-conditioned)",
             inputs={"latents": LATENTS, "teacher": teacher},
             outputs={"model": f"models/steps-{n}"},
-            code=("src/sd_distill/stages/halve.py", *CODE_DISTILL),
             resources=TRAIN_STAGE,
         ))
         teacher = f"models/steps-{n}"
@@ -88,8 +83,6 @@ STAGES: tuple[Stage, ...] = (
         entry="sd_distill.stages.prepare:main",
         doc="image-caption pairs -> checked, split tar shards + manifest; tiny: digits and their classifier",
         outputs={"data": "data/prepared"},
-        code=("src/sd_distill/stages/prepare.py", "src/sd_distill/data/sources.py", "src/sd_distill/data/checks.py",
-              "src/sd_distill/data/shards.py", "src/sd_distill/models/classifier.py"),
         resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
     ),
     Stage(
@@ -98,7 +91,6 @@ STAGES: tuple[Stage, ...] = (
         doc="tiny/smoke: train an SD-shaped epsilon teacher from scratch; sd15: fetch the public checkpoint",
         inputs={"data": "data/prepared"},
         outputs={"model": "models/teacher"},
-        code=("src/sd_distill/stages/teacher.py", "src/sd_distill/models/tokenizer.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
     ),
     Stage(
@@ -108,8 +100,6 @@ STAGES: tuple[Stage, ...] = (
             "memory-mapped shards that every training stage reads",
         inputs={"data": "data/prepared", "teacher": "models/teacher"},
         outputs={"latents": LATENTS},
-        code=("src/sd_distill/stages/encode.py", "src/sd_distill/data/store.py", "src/sd_distill/data/latents.py",
-              "src/sd_distill/data/shards.py", "src/sd_distill/models/parts.py"),
         resources=TRAIN_STAGE,  # data-parallel: each process encodes its share of the shards
     ),
     Stage(
@@ -118,7 +108,6 @@ STAGES: tuple[Stage, ...] = (
         doc="fine-tune the teacher to v-prediction (optionally on a zero-terminal-SNR schedule)",
         inputs={"latents": LATENTS, "teacher": "models/teacher"},
         outputs={"model": "models/vpred"},
-        code=("src/sd_distill/stages/vpred.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
     ),
     Stage(
@@ -127,7 +116,6 @@ STAGES: tuple[Stage, ...] = (
         doc="distill classifier-free guidance into a w-conditioned UNet (one call per step)",
         inputs={"latents": LATENTS, "vpred": "models/vpred"},
         outputs={"model": "models/guided"},
-        code=("src/sd_distill/stages/guidance.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
     ),
     Stage(
@@ -136,7 +124,6 @@ STAGES: tuple[Stage, ...] = (
         doc="BK-SDM block removal (base/small/tiny) distilled from the guided model; none: copy it through",
         inputs={"latents": LATENTS, "guided": "models/guided"},
         outputs={"model": "models/pruned"},
-        code=("src/sd_distill/stages/prune.py", "src/sd_distill/models/bk.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
     ),
     *halving_rounds(),
@@ -147,7 +134,6 @@ STAGES: tuple[Stage, ...] = (
         inputs={"data": "data/prepared", "latents": LATENTS, "teacher": "models/teacher"},
         outputs={"model": "models/decoder"},
         metrics={"metrics": "reports/decoder.json"},
-        code=("src/sd_distill/stages/decoder.py", *CODE_DISTILL),
         resources=TRAIN_STAGE,
     ),
     Stage(
@@ -157,7 +143,6 @@ STAGES: tuple[Stage, ...] = (
         inputs={"teacher": "models/teacher", "decoder": "models/decoder",
                 **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
         outputs={"model": "models/student"},
-        code=("src/sd_distill/stages/assemble.py", "src/sd_distill/stages/halve.py", "src/sd_distill/models/parts.py"),
         resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
     ),
     Stage(
@@ -181,8 +166,6 @@ STAGES: tuple[Stage, ...] = (
                 "title": "FID against latency per image (one point per model)",
                 "x_label": "ms per image (batch 1, median)", "y_label": "FID"}},
         reports={"report": "reports/report.md"},
-        code=("src/sd_distill/stages/evaluate.py", "src/sd_distill/scoring.py", "src/sd_distill/models/classifier.py",
-              "src/sd_distill/report.py"),
         resources=MODEL_STAGE,
     ),
     Stage(
@@ -192,7 +175,6 @@ STAGES: tuple[Stage, ...] = (
             "`champion` to it only past the quality gate",
         inputs={"data": "data/prepared", "student": "models/student", "metrics": "reports/metrics.json"},
         metrics={"registration": "reports/registration.json"},
-        code=("src/sd_distill/stages/register.py", "src/sd_distill/serving.py", "src/sd_distill/models/parts.py"),
         resources=MODEL_STAGE,  # logging the pyfunc samples its input example once (sd15: on the GPU)
     ),
 )

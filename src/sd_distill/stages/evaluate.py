@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sd_distill import report
 from sd_distill.models.costs import describe
-from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.models.parts import load_pipeline, pick_device, read_config
 from sd_distill.params import EvaluateParams
 from sd_distill.scoring import DigitSuite, TextImageSuite
 from sd_distill.stages.halve import MODEL_CARD
@@ -193,12 +193,19 @@ def write_csv(path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def output_side(folder) -> int:
+    """The side in pixels that a pipeline folder samples by default: UNet sample_size x the VAE's downsampling."""
+    unet = read_config(folder / "unet" / "config.json")
+    vae = read_config(folder / "vae" / "config.json")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def main(ctx) -> None:
     p: EvaluateParams = ctx.params.evaluate
     seed = ctx.params.base.seed
     device = pick_device(ctx.params.base)
-    if ctx.params.profile == "sd15":
-        suite = TextImageSuite(p, seed, ctx.params.prepare.resolution, device)
+    if p.suite == "text-image":  # real images for FID at the teacher's own output size
+        suite = TextImageSuite(p, seed, output_side(ctx.inputs["teacher"]), device)
     else:
         suite = DigitSuite(ctx.inputs["data"], p, seed)
     models: dict[str, dict] = {}
