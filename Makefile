@@ -15,7 +15,7 @@ LINT_STAMP := $(LINT_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup setup-airflow setup-lint run test bench images dvc-yaml kfp-yaml clean
+.PHONY: help setup setup-airflow setup-lint run test bench bench-data images dvc-yaml kfp-yaml clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ test: setup setup-airflow setup-lint  ## run the test suite (sets up every envir
 
 bench: setup  ## time teacher vs student on this CPU (SD v1.5 at 512 px, models/, training): reports/bench.md
 	sd-distill bench --device cpu --resolution 512 --warmup 1 --repeats 3
+
+bench-data: setup  ## prepare, encode and a training stage at N = 1k, 10k, 50k synthetic pairs (256 px): reports/bench_data.md
+	$(BIN)/python -m sd_distill.bench.data --sizes 1000,10000,50000 --resolution 256 --out reports
 
 dvc-yaml: setup  ## regenerate dvc.yaml from the stage registry
 	sd-distill dvc

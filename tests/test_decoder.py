@@ -27,12 +27,11 @@ DECODER_STARTED: dict[str, int] = {}  # ms; finds the fixture's MLflow run in th
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A smoke project where prepare, teacher, encode and decoder (the smoke preset: 4 steps) ran once; read-only."""
-    root = tmp_path_factory.mktemp("decoder")
+def project(smoke_project, tmp_path_factory):
+    """The shared smoke project's data and teacher, and a decoder run of its own (the smoke preset: 4 steps, timed
+    to find its MLflow run); read-only."""
+    root = upstream_copy(smoke_project, tmp_path_factory.mktemp("decoder"))
     params = resolve(write_params(root, "smoke"))
-    for stage in ("prepare", "teacher", "encode"):
-        run_stage(stage, params, root)
     DECODER_STARTED["ms"] = int(time.time() * 1000)
     run_stage("decoder", params, root)
     return root

@@ -21,13 +21,9 @@ from tests.test_bad_input import one_error_line
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """prepare, teacher and encode of the smoke profile (280 training samples in two shards of 150 and 130)."""
-    root = tmp_path_factory.mktemp("encode")
-    params = resolve(write_params(root))
-    for stage in ("prepare", "teacher", "encode"):
-        run_stage(stage, params, root)
-    return root
+def project(smoke_project):
+    """The shared smoke project, read-only: its encode ran on 280 training samples in two shards of 150 and 130."""
+    return smoke_project
 
 
 def copy_of(project, dest, *parts):
@@ -203,3 +199,19 @@ def test_an_interrupted_encode_reuses_its_finished_shards_and_ends_with_the_same
     assert (root / "data" / "latents" / "manifest.json").read_bytes() == \
         (project / "data" / "latents" / "manifest.json").read_bytes()
     assert not list((root / "checkpoints" / "encode").glob("*.npy"))  # published, not copied
+
+
+def test_the_read_ahead_datasets_pickle_for_spawned_workers(project):
+    """macOS and Windows start DataLoader workers with spawn, which pickles the dataset: no thread, no open map."""
+    import pickle
+
+    from sd_distill.data.feed import KeyedRows
+    from sd_distill.data.shards import PreparedImages
+    from sd_distill.stages.decoder import PosteriorsAndPixels
+
+    store = LatentStore(project / "data" / "latents")
+    for load in (store.rows, PosteriorsAndPixels(store, PreparedImages(project / "data" / "prepared", "train"))):
+        rows = KeyedRows(load, len(store), 8, seed=0)
+        key, idx, here = rows[(3, 1)]
+        _, idx2, there = pickle.loads(pickle.dumps(rows))[(3, 1)]
+        assert torch.equal(idx, idx2) and all(torch.equal(here[k], there[k]) for k in here)

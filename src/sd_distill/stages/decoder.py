@@ -155,6 +155,17 @@ def evaluate_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, images: torch.Te
     }
 
 
+class PosteriorsAndPixels:
+    """Rows of the decoder's batches: posteriors from ``data/latents``, pixels from the prepared shards (a class, not
+    a closure, so that DataLoader workers started by ``spawn`` can unpickle it)."""
+
+    def __init__(self, store: LatentStore, pixels: PreparedImages):
+        self.store, self.pixels = store, pixels
+
+    def __call__(self, idx) -> dict[str, torch.Tensor]:
+        return {"posterior": self.store.rows(idx)["posterior"], "pixels": torch.from_numpy(self.pixels.images(idx))}
+
+
 def training_rows(latents: Path, data: Path, vae: AutoencoderKL, p: DecoderParams, seed: int) -> tuple[int, Prefetch]:
     """The train split's posteriors (``data/latents``, checked to come from ``vae``) and pixels (the prepared
     shards, by random access), read ahead for the loop: (samples, prefetch)."""
@@ -165,10 +176,7 @@ def training_rows(latents: Path, data: Path, vae: AutoencoderKL, p: DecoderParam
         raise LatentsError(f"decoder: {latents} holds {len(store)} train samples, {data} {len(pixels)}; the latents "
                            "were encoded from other prepared data. Rerun `sd-distill run encode`")
 
-    def load(idx):
-        return {"posterior": store.rows(idx)["posterior"], "pixels": torch.from_numpy(pixels.images(idx))}
-
-    prefetch = Prefetch(KeyedRows(load, len(store), p.train.batch_size, seed), p.train.steps, p.train.grad_accum,
+    prefetch = Prefetch(KeyedRows(PosteriorsAndPixels(store, pixels), len(store), p.train.batch_size, seed), p.train.steps, p.train.grad_accum,
                         p.train.loader_workers, p.train.prefetch_batches, pin=vae.device.type == "cuda",
                         verifier=store.verifier)
     return len(store), prefetch

@@ -178,5 +178,5 @@ def main(ctx) -> None:
     ctx.summary.update({"samples": total, "shards": len(shards), "shards_reused": reused,
                         "images_per_second": encoded / max(seconds, 1e-9),
                         "bytes": sum((out / f["file"]).stat().st_size for r in shards for f in r["files"].values())})
-    log.info("encode: %d samples in %d shards (%d reused) -> %s, latents %s", total, len(shards), reused, out,
-             manifest["latent_shape"])
+    log.info("encode: %d samples in %d shards (%d reused), latents %s, %.0f images/s", total, len(shards), reused,
+             manifest["latent_shape"], ctx.summary["images_per_second"])

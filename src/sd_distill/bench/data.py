@@ -1,0 +1,170 @@
+"""``make bench-data``: how ``prepare``, ``encode`` and a training stage scale with the number of samples.
+
+For each N: N synthetic LAION-like pairs (JPEG images of random shapes on noise, every caption different) in a
+folder with ``metadata.jsonl``, and a project whose teacher is a local folder with SD v1.5's structure at reduced
+width (``sd_shaped_teacher``; random weights: throughput and memory do not depend on them). Each stage runs as its own ``sd-distill run`` process, as
+an orchestrator runs it, and is measured from outside:
+
+- seconds and images per second (``prepare`` with 1 and 2 workers, ``encode``);
+- peak resident memory (the largest ``ru_maxrss`` of the stage's processes, DataLoader workers included);
+- for the training stage (``vpred``), the time from process start to its first optimizer step (the loop's
+  ``step 1/`` log line).
+
+Writes ``bench_data.json`` (every figure and the machine) and ``bench_data.md`` (the table) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("red", "blue", "green", "old", "small", "large", "bright", "dark", "wooden", "stone", "cat", "dog", "house",
+         "tree", "car", "river", "mountain", "street", "boat", "bird", "painting", "photo", "portrait", "city")
+# time.time() and ru_maxrss of a stage run in a child process; printed as one JSON line on stdout
+PROBE = ("import json, resource, subprocess, sys, time; start = time.time(); "
+         "rc = subprocess.run(sys.argv[1:]).returncode; "
+         "print(json.dumps({'rc': rc, 'start': start, 'end': time.time(), "
+         "'peak_rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+
+
+def synthetic_pairs(folder: Path, n: int, side: int, seed: int = 0) -> None:
+    """``n`` JPEG images (``side`` px, random rectangles and ellipses on noise) and a ``metadata.jsonl`` whose
+    captions are all different (random words and the sample's number), as web-crawled pairs are."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with open(folder / "metadata.jsonl", "w") as index:
+        for i in range(n):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels)
+            draw = ImageDraw.Draw(image)
+            for _ in range(4):
+                x0, y0 = rng.integers(0, side // 2, 2)
+                x1, y1 = (x0, y0) + rng.integers(side // 8, side // 2, 2)
+                shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
+                shape((int(x0), int(y0), int(x1), int(y1)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            name = f"images/{i:07d}.jpg"
+            image.save(folder / name, quality=90)
+            words = " ".join(rng.choice(WORDS, size=6))
+            index.write(json.dumps({"file_name": name, "text": f"a {words}, picture {i}"}) + "\n")
+
+
+def sd_shaped_teacher(folder: Path, side: int) -> None:
+    """A stock ``StableDiffusionPipeline`` folder with SD v1.5's structure at reduced width, random weights: a UNet
+    of four stages with two layers each (cross-attention in the outer three), 768-wide cross-attention from a
+    77-token CLIP text encoder, an 8x ``AutoencoderKL`` with 4 latent channels."""
+    from sd_distill.models import parts
+    from sd_distill.models.tokenizer import build_tokenizer
+    from sd_distill.params import TeacherParams, TextArch, UnetArch, VaeArch
+
+    vae = parts.build_vae(VaeArch(block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8))
+    tokenizer = build_tokenizer([f"a {' '.join(WORDS)}, picture 0123456789"], 77)
+    text = TextArch(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, intermediate_size=512,
+                    max_length=77)
+    text_encoder = parts.build_text_encoder(text, tokenizer)
+    unet = parts.build_unet(UnetArch(block_out_channels=(32, 64, 128, 128), layers_per_block=2, attention_head_dim=8,
+                                     norm_num_groups=8), sample_size=side // 8, in_channels=4, cross_attention_dim=768)
+    scheduler = parts.build_sampling_scheduler(TeacherParams())
+    parts.assemble(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(folder, safe_serialization=True)
+
+
+def run_stage(project: Path, stage: str, sets: list[str]) -> dict:
+    """``sd-distill run STAGE`` in ``project`` as its own process; seconds, peak RSS and the first step's time."""
+    cli = Path(sys.executable).with_name("sd-distill")
+    args = [sys.executable, "-c", PROBE, str(cli), "run", stage, "--params", str(project / "params.yaml"), "--force"]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    first_step = None
+    for line in proc.stderr:  # the loop logs "name: step 1/N ..." after its first optimizer step (log_every 1)
+        if first_step is None and re.search(r": step 1/\d+ ", line):
+            first_step = time.time()
+    out = proc.stdout.read()
+    proc.wait()
+    record = json.loads(out.strip().splitlines()[-1])
+    if record["rc"]:
+        raise RuntimeError(f"bench-data: {stage} failed with status {record['rc']} in {project}")
+    done = json.loads((project / "checkpoints" / f"{stage}.done.json").read_text())
+    return {"seconds": record["end"] - record["start"], "peak_rss_mb": record["peak_rss_kb"] / 1024,
+            "first_step_seconds": None if first_step is None else first_step - record["start"],
+            "summary": done.get("summary", {})}
+
+
+def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -> dict:
+    project = work / f"n{n}"
+    synthetic_pairs(project / "raw", n, side)
+    (project / "params.yaml").write_text(json.dumps({
+        "profile": "smoke",
+        "base": {"device": "cpu", "log_model_artifacts": False},
+        "prepare": {"source": "folder", "path": str(project / "raw"), "resolution": side, "min_size": side,
+                    "max_images": None, "shard_size": 1000, "max_reject_rate": 0.05},
+        "teacher": {"source": str(teacher)},
+        "encode": {"embeddings": "computed", "batch_size": 64},
+        "vpred": {"train": {"steps": train_steps, "batch_size": 16, "log_every": 1, "checkpoint_every": 1000,
+                            "warmup_steps": 0}}}))
+    row = {"n": n}
+    for workers in (1, 2):
+        m = run_stage(project, "prepare", [f"prepare.workers={workers}"])
+        row[f"prepare_w{workers}"] = {**m, "images_per_second": n / m["seconds"]}
+    for stage in ("teacher", "encode", "vpred"):
+        row[stage] = run_stage(project, stage, [])
+    row["encode"]["images_per_second"] = n / row["encode"]["seconds"]
+    shutil.rmtree(project / "raw")
+    return row
+
+
+def render(result: dict) -> str:
+    lines = [f"# Data-scale benchmark ({result['side']} px, {result['machine']})", "",
+             "| N | prepare img/s (1 worker) | prepare img/s (2 workers) | prepare peak RSS MB | encode img/s | "
+             "encode peak RSS MB | vpred peak RSS MB | vpred s to first step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['n']:,} | {r['prepare_w1']['images_per_second']:.0f} | "
+                     f"{r['prepare_w2']['images_per_second']:.0f} | {r['prepare_w1']['peak_rss_mb']:.0f} / "
+                     f"{r['prepare_w2']['peak_rss_mb']:.0f} | {r['encode']['images_per_second']:.0f} | "
+                     f"{r['encode']['peak_rss_mb']:.0f} | {r['vpred']['peak_rss_mb']:.0f} | "
+                     f"{r['vpred']['first_step_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sd_distill.bench.data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,50000", help="comma list of sample counts N")
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--train-steps", type=int, default=3, help="optimizer steps of the training stage")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for bench_data.json/.md")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="sd-distill-bench-data-"))
+    teacher = work / "teacher"
+    if not teacher.is_dir():
+        sd_shaped_teacher(teacher, args.resolution)
+    rows = []
+    for n in sizes:
+        rows.append(bench_size(work, teacher, n, args.resolution, args.train_steps))
+        print(f"bench-data: N={n:,} done", file=sys.stderr)
+    import platform
+
+    result = {"side": args.resolution, "machine": f"{os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_data.json").write_text(json.dumps(result, indent=2))
+    (args.out / "bench_data.md").write_text(render(result))
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
