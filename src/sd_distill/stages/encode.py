@@ -72,7 +72,8 @@ def load_encoders(teacher: Path, device: str) -> SimpleNamespace:
     check_pipeline(teacher, NEEDS)
     return SimpleNamespace(
         vae=load_model(AutoencoderKL, teacher / "vae", "teacher").to(device).eval().requires_grad_(False),
-        tokenizer=CLIPTokenizer.from_pretrained(teacher / "tokenizer", local_files_only=True),
+        tokenizer=CLIPTokenizer.from_pretrained(  # nosec B615: a local folder, offline (local_files_only)
+            teacher / "tokenizer", local_files_only=True),
         text_encoder=load_model(CLIPTextModel, teacher / "text_encoder", "teacher").to(device).eval()
         .requires_grad_(False))
 
