@@ -201,17 +201,20 @@ def test_an_interrupted_encode_reuses_its_finished_shards_and_ends_with_the_same
     assert not list((root / "checkpoints" / "encode").glob("*.npy"))  # published, not copied
 
 
-def test_the_read_ahead_datasets_pickle_for_spawned_workers(project):
-    """macOS and Windows start DataLoader workers with spawn, which pickles the dataset: no thread, no open map."""
-    import pickle
+def test_read_ahead_rows_are_the_same_in_a_spawned_worker(project):
+    """macOS and Windows start DataLoader workers with spawn, which sends the dataset to a fresh interpreter: the
+    decoder's rows (posteriors from the store, pixels from the prepared shards) must arrive there and read the same."""
+    from torch.utils.data import DataLoader
 
     from sd_distill.data.feed import KeyedRows
     from sd_distill.data.shards import PreparedImages
     from sd_distill.stages.decoder import PosteriorsAndPixels
 
     store = LatentStore(project / "data" / "latents")
-    for load in (store.rows, PosteriorsAndPixels(store, PreparedImages(project / "data" / "prepared", "train"))):
-        rows = KeyedRows(load, len(store), 8, seed=0)
-        key, idx, here = rows[(3, 1)]
-        _, idx2, there = pickle.loads(pickle.dumps(rows))[(3, 1)]
-        assert torch.equal(idx, idx2) and all(torch.equal(here[k], there[k]) for k in here)
+    rows = KeyedRows(PosteriorsAndPixels(store, PreparedImages(project / "data" / "prepared", "train")), len(store),
+                     8, seed=0)
+    keys = [(3, 1), (4, 0)]
+    loader = DataLoader(rows, batch_size=None, sampler=keys, num_workers=1, multiprocessing_context="spawn")
+    for key, (_, idx, there) in zip(keys, loader):
+        _, here_idx, here = rows[key]
+        assert torch.equal(idx, here_idx) and all(torch.equal(here[k], there[k]) for k in here)
