@@ -22,7 +22,7 @@ from tests.test_bad_input import one_error_line
 
 @pytest.fixture(scope="module")
 def project(smoke_project):
-    """The shared smoke project, read-only: its encode ran on 280 training samples in two shards of 150 and 130."""
+    """The shared smoke project, read-only: its encode ran on 272 training samples in two shards of 150 and 122."""
     return smoke_project
 
 
@@ -41,13 +41,13 @@ def test_each_sample_holds_the_teacher_vae_posterior_in_fp16_and_its_caption_tok
     pipe = teacher(project)
     store = LatentStore(project / "data" / "latents")
     manifest = store.manifest
-    assert manifest["samples"] == {"train": 280} and [r["samples"] for r in manifest["shards"]] == [150, 130]
+    assert manifest["samples"] == {"train": 272} and [r["samples"] for r in manifest["shards"]] == [150, 122]
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["scaling_factor"] == pipe.vae.config.scaling_factor
     for row in manifest["shards"]:
         for f in row["files"].values():
             assert sha256_file(project / "data" / "latents" / f["file"]) == f["sha256"]
     split = read_split(project / "data" / "prepared", "train")
-    picks = [0, 149, 150, 279]  # both ends of both shards
+    picks = [0, 149, 150, 271]  # both ends of both shards
     mean, std = encode_images(pipe.vae.eval(), to_model_range(split.images[picks]))
     rows = store.rows(np.array(picks))
     assert rows["posterior"].dtype == torch.float16 and rows["posterior"].shape == (4, 2, 4, 8, 8)
@@ -62,10 +62,10 @@ def test_rows_come_back_in_the_order_asked_across_shards_and_with_repeats(projec
     store = LatentStore(project / "data" / "latents")
     folder = project / "data" / "latents"
     whole = np.concatenate([np.load(folder / r["files"]["posterior"]["file"]) for r in store.manifest["shards"]])
-    idx = np.array([279, 0, 150, 0, 149])
+    idx = np.array([271, 0, 150, 0, 149])
     assert np.array_equal(store.rows(idx)["posterior"].numpy(), whole[idx])
     with pytest.raises(IndexError):
-        store.rows(np.array([280]))
+        store.rows(np.array([272]))
 
 
 def draws(batches, keys, dropout=0.1):

@@ -119,7 +119,13 @@ DEFAULT_TEMPLATES = (
 
 class PrepareParams(Section):
     source: Literal["digits", "folder", "parquet", "webdataset"] = "digits"
-    path: str | None = Field(None, description="input folder / parquet file or folder / tar shard folder")
+    path: str | None = Field(None, description="input folder / parquet file or folder / tar shard folder: a local "
+                             "path or an fsspec URL (s3://bucket/prefix, gs://..., any fsspec protocol)")
+    storage_options: dict[str, Any] = Field(
+        {}, description="fsspec options for a remote path (S3: endpoint_url, client_kwargs, anon, ...); credentials "
+                        "come from the environment (AWS_ACCESS_KEY_ID, ...), never from params")
+    workers: int = Field(1, ge=1, description="processes that decode, check, resize and PNG-encode samples (1: in "
+                         "the stage's process); the output is the same for any number")
     resolution: int = Field(16, ge=8, le=2048, description="output side in pixels (square)")
     min_size: int = Field(8, ge=1, description="reject images whose shorter side is below this")
     val_fraction: float = Field(0.1, ge=0, lt=0.5)
@@ -135,10 +141,28 @@ class PrepareParams(Section):
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     classifier: ClassifierParams = ClassifierParams()
 
+    @staticmethod
+    def _secret_option(options: dict, prefix: str = "") -> str | None:
+        """The first key of a (nested) fsspec options mapping that carries a credential, as a dotted path (gcsfs's
+        ``token: anon`` and the like name no secret)."""
+        secrets = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "session_token", "access_key", "secret_key", "sas_token", "account_key",
+                   "connection_string", "client_secret")
+        for name, value in options.items():
+            if str(name).lower() in secrets and value not in (None, "anon", "google_default", "cloud"):
+                return prefix + str(name)
+            if isinstance(value, dict) and (found := PrepareParams._secret_option(value, f"{prefix}{name}.")):
+                return found
+        return None
+
     @model_validator(mode="after")
     def _check(self) -> "PrepareParams":
         if self.source != "digits" and not self.path:
-            raise ValueError(f"source={self.source!r} needs prepare.path (a local folder or file)")
+            raise ValueError(f"source={self.source!r} needs prepare.path (a local folder or file, or a URL)")
+        if secret := self._secret_option(self.storage_options):
+            raise ValueError(f"storage_options.{secret}: credentials do not belong in params (they are printed, saved "
+                             "beside the outputs and logged to MLflow); set them in the environment "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)")
         if (self.score_column is None) != (self.min_score is None):
             raise ValueError("score_column and min_score go together: set both or neither")
         for t in self.templates:

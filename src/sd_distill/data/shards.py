@@ -62,33 +62,81 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def sample_members(sample: Sample) -> dict[str, bytes]:
+    """The files of one sample in a shard, in the order they are written: ``png``, ``txt`` (UTF-8), ``json``."""
+    png = io.BytesIO()
+    Image.fromarray(sample.image, mode="RGB").save(png, format="PNG")
+    return {"png": png.getvalue(), "txt": sample.caption.encode("utf-8"),
+            "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8")}
+
+
+class ShardWriter:
+    """One split's samples into ``folder/{split}-NNNNN.tar``, ``shard_size`` per shard, written as they come.
+
+    ``rows`` holds one manifest row per finished shard. ``state()`` (JSON-able) is what a new writer needs to
+    continue, after its process was killed, with the same bytes an uninterrupted writer would have written: the
+    finished rows and the open shard's sample count and length; the open shard is cut back to that length.
+    """
+
+    def __init__(self, folder: Path, split: str, shard_size: int, state: dict | None = None):
+        self.folder, self.split, self.shard_size = Path(folder), split, shard_size
+        self.rows: list[dict] = list(state["rows"]) if state else []
+        self._file, self._tar, self.count = None, None, 0
+        opened = state.get("open") if state else None
+        if opened:
+            self._file = open(self._path(), "r+b")
+            self._file.truncate(opened["bytes"])
+            self._file.seek(opened["bytes"])
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            self.count = opened["samples"]
+
+    def _path(self) -> Path:
+        return self.folder / f"{self.split}-{len(self.rows):05d}.tar"
+
+    @property
+    def samples(self) -> int:
+        return sum(r["samples"] for r in self.rows) + self.count
+
+    def add(self, key: str, members: dict[str, bytes]) -> dict | None:
+        """Append one sample (``sample_members``' files); returns the shard's manifest row if this finished it."""
+        if self._tar is None:
+            self._file = open(self._path(), "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            self.count = 0
+        for ext, data in members.items():
+            _add(self._tar, f"{key}.{ext}", data)
+        self.count += 1
+        return self._finish() if self.count == self.shard_size else None
+
+    def _finish(self) -> dict:
+        path = self._path()
+        self._tar.close()  # the end-of-archive blocks; the file is ours to close
+        self._file.close()
+        self._file, self._tar = None, None
+        self.rows.append({"file": path.name, "split": self.split, "samples": self.count, "sha256": sha256_file(path)})
+        self.count = 0
+        return self.rows[-1]
+
+    def state(self) -> dict:
+        """Finished rows and the open shard (its bytes flushed to the OS, so a killed process loses none)."""
+        if self._tar is None:
+            return {"rows": list(self.rows), "open": None}
+        self._file.flush()
+        return {"rows": list(self.rows), "open": {"samples": self.count, "bytes": self._file.tell()}}
+
+    def close(self) -> list[dict]:
+        """Finish the open shard, if any; returns every manifest row of the split."""
+        if self._tar is not None:
+            self._finish()
+        return list(self.rows)
+
+
 def write_split(out: Path, split: str, samples: Iterable[Sample], shard_size: int) -> list[dict]:
     """Write ``samples`` to ``out/split-NNNNN.tar``; returns one manifest row per shard."""
-    rows, tar, count, index = [], None, 0, 0
-
-    def close() -> None:
-        nonlocal tar
-        if tar is not None:
-            tar.close()
-            path = out / f"{split}-{index:05d}.tar"
-            rows.append({"file": path.name, "split": split, "samples": count, "sha256": sha256_file(path)})
-            tar = None
-
+    writer = ShardWriter(out, split, shard_size)
     for sample in samples:
-        if tar is None:
-            tar = tarfile.open(out / f"{split}-{index:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-            count = 0
-        png = io.BytesIO()
-        Image.fromarray(sample.image, mode="RGB").save(png, format="PNG")
-        _add(tar, f"{sample.key}.png", png.getvalue())
-        _add(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-        _add(tar, f"{sample.key}.json", json.dumps(sample.meta, sort_keys=True).encode("utf-8"))
-        count += 1
-        if count == shard_size:
-            close()
-            index += 1
-    close()
-    return rows
+        writer.add(sample.key, sample_members(sample))
+    return writer.close()
 
 
 def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
