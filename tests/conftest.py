@@ -64,19 +64,15 @@ def sh(args, cwd, env, check=True):
 # -- the smoke profile through each orchestrator, once per session ------------------------------------------
 
 @pytest.fixture(scope="session")
-def dvc_run(tmp_path_factory):
-    """`sd-distill repro` (dvc repro under an MLflow parent run) in a temporary git repo."""
-    import yaml
+def rehearsal_run(tmp_path_factory):
+    """The sd15 rehearsal through `sd-distill repro` (dvc repro under an MLflow parent run) in a temporary git repo:
+    the sd15 preset on a local teacher with SD v1.5's structure at reduced width, 64 px, two optimizer steps per
+    stage, stand-in scorers (``sd_distill.bench.rehearsal``)."""
+    from sd_distill.bench import rehearsal
 
     base = tmp_path_factory.mktemp("e2e")
-    root = base / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    root = rehearsal.build(base / "project")
     shutil.copytree(ROOT / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump({**committed, "profile": "smoke"}))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -83,6 +83,8 @@ def test_dag_test_runs_the_smoke_profile_locally(airflow_run):
     runs = client.search_runs(exp.experiment_id, f"tags.`sd_distill.pipeline_run` = '{tag}'")
     assert sorted(r.info.run_name for r in runs) == sorted(s.name for s in registry.STAGES)
     assert all(r.info.status == "FINISHED" and r.data.tags["sd_distill.profile"] == "smoke" for r in runs)
+    teacher = next(r for r in runs if r.info.run_name == "teacher")  # smoke logs its (small) models to MLflow
+    assert {"model", "params.json"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
 
 
 @pytest.fixture(scope="module")

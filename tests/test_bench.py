@@ -141,7 +141,7 @@ def test_every_row_comes_from_a_measurement_of_this_run(tmp_path):
     for r in train:
         assert any(r["name"] in line and f"| {bench._n(r['samples_per_s'])} " in line for line in lines)
     assert "FLOP-based projection, not a measurement" in "\n".join(lines)
-    assert result["train"]["projection"]["total_a100_hours"] > 0
+    assert result["train"]["projection"]["total_gpu_hours"] > 0
 
 
 @pytest.fixture

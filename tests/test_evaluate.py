@@ -1,19 +1,25 @@
 import csv
 import json
+import re
 import shutil
 
 import mlflow
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from sd_distill import report
 from sd_distill.data.shards import read_split
-from sd_distill.models.classifier import DigitClassifier, FeatureExtractor
-from sd_distill.params import resolve
+from sd_distill.errors import UserError
+from sd_distill.models.classifier import DigitClassifier, FeatureExtractor, predict, to_tensor
+from sd_distill.params import EvaluateParams, resolve
 from sd_distill.runner import run_stage
+from sd_distill.scoring import DigitSuite
 from sd_distill.scoring import feature_fid as fid
 from sd_distill.stages.evaluate import grid
+from sd_distill.stages.reference import Reference
 from tests.conftest import write_params
 
 
@@ -136,3 +142,55 @@ def test_a_crashing_stage_ends_failed_in_mlflow_and_publishes_nothing(evaluated,
     runs = client.search_runs(client.get_experiment_by_name("sd-distill").experiment_id,
                               "tags.`sd_distill.stage` = 'evaluate'", order_by=["start_time DESC"], max_results=1)
     assert runs[0].info.status == "FAILED"
+
+
+def test_reference_holds_the_test_splits_feature_sums_and_the_val_fid_once(smoke_project):
+    data = smoke_project / "data" / "prepared"
+    manifest = json.loads((smoke_project / "data" / "reference" / "manifest.json").read_text())
+    digits = manifest["sets"]["digits"]
+    extractor = FeatureExtractor(DigitClassifier.load(data / "classifier"))
+    test, val = read_split(data, "test").images, read_split(data, "val").images
+    assert digits["count"] == len(test) and digits["val_images"] == len(val) and digits["resolution"] == 16
+    # streamed in batches of reference.batch_size, the same figure as all images at once (the old per-run formula)
+    assert digits["fid_val_vs_test"] == pytest.approx(fid(extractor, test, val), rel=1e-6)
+    with torch.no_grad():
+        features = extractor(to_tensor(test)).double().numpy()
+    with np.load(smoke_project / "data" / "reference" / "stats.npz", allow_pickle=False) as stats:
+        assert int(stats["digits_count"]) == len(test)
+        np.testing.assert_allclose(stats["digits_sum"], features.sum(0), rtol=1e-6)
+        np.testing.assert_allclose(stats["digits_outer"], features.T @ features, rtol=1e-6, atol=1e-9)
+
+
+def test_streamed_digit_scores_equal_the_all_at_once_formulas(smoke_project):
+    data = smoke_project / "data" / "prepared"
+    suite = DigitSuite(data, Reference(smoke_project / "data" / "reference"), EvaluateParams(samples_per_prompt=6),
+                       seed=0)
+    n = len(suite.prompts)
+    rng = np.random.default_rng(0)
+    val = read_split(data, "val").images
+    fake = np.clip(val[rng.integers(0, len(val), n)] + rng.normal(0, 30, (n, *val.shape[1:])), 0, 255).astype(np.uint8)
+    scorer = suite.start()
+    for start in range(0, n, 7):  # uneven batches, the last one short
+        scorer.add(start, fake[start:start + 7])
+    streamed = scorer.result()
+    right = predict(suite.classifier, to_tensor(fake)).numpy() == suite.labels
+    assert streamed["fid"] == pytest.approx(fid(suite.extractor, read_split(data, "test").images, fake), rel=1e-6)
+    assert streamed["accuracy"] == right.mean()
+    assert streamed["accuracy_per_digit"] == {suite.words[d]: right[suite.labels == d].mean() for d in range(10)}
+    assert np.array_equal(scorer.grid(), fake[suite.grid_index])
+
+
+def test_evaluate_refuses_a_reference_made_with_another_classifier_and_writes_nothing(smoke_project, tmp_path):
+    shutil.copytree(smoke_project / "data", tmp_path / "data")
+    shutil.copytree(smoke_project / "models", tmp_path / "models")
+    weights = tmp_path / "data" / "prepared" / "classifier" / "model.safetensors"
+    state = load_file(weights)
+    state["head.bias"] = state["head.bias"] + 0.01  # a retrained classifier, and `reference` not run again
+    save_file(state, weights)
+    manifest = re.escape(str(tmp_path / "data" / "reference" / "manifest.json"))
+    with pytest.raises(UserError, match=rf"{manifest}: digits extractor_sha256: expected '[0-9a-f]{{64}}' \(from "
+                                        r"data/prepared/classifier/model.safetensors\), found '[0-9a-f]{64}'"):
+        run_stage("evaluate", resolve(write_params(tmp_path)), tmp_path)
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+    run_stage("reference", resolve(write_params(tmp_path)), tmp_path)  # made again: accepted
+    Reference(tmp_path / "data" / "reference").digits(tmp_path / "data" / "prepared")

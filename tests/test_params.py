@@ -140,3 +140,63 @@ def test_an_error_names_where_the_bad_value_came_from(tmp_path):
         resolve(path, ["base.seed=[1"])
     with pytest.raises(ParamsError, match=r"base.seed is already set to a value"):
         parse_set(["base.seed=1", "base.seed.x=2"])
+
+
+def every_train_params(params):
+    """(section.key, TrainParams) of every training loop the params configure."""
+    from sd_distill.params import TrainParams
+
+    for name in type(params).model_fields:
+        section = getattr(params, name)
+        for key in type(section).model_fields if hasattr(type(section), "model_fields") else ():
+            if isinstance(getattr(section, key), TrainParams):
+                yield f"{name}.{key}", getattr(section, key)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smoke"])
+def test_memory_levers_are_off_in_the_cpu_profiles_and_their_fingerprints_unchanged(tmp_path, profile):
+    found = dict(every_train_params(resolve(write_params(tmp_path, profile))))
+    assert {"teacher.vae_train", "teacher.unet_train", "vpred.train", "prune.train", "decoder.train"} <= set(found)
+    for where, tp in found.items():
+        assert (tp.optimizer, tp.adam_beta1, tp.adam_beta2, tp.adam_epsilon, tp.adam_amsgrad,
+                tp.gradient_checkpointing, tp.allow_tf32) == ("adamw", 0.9, 0.999, 1e-8, False, False, False), where
+    from sd_distill.params import TrainParams
+
+    # the fingerprint a checkpoint records, as it was before these knobs existed: old checkpoints still resume
+    assert TrainParams().fingerprint() == (
+        '{"batch_size": 128, "checkpoint_every": 200, "ema_decay": 0.995, "grad_accum": 1, "keep_checkpoints": 2, '
+        '"learning_rate": 0.001, "log_every": 25, "lr_schedule": "cosine", "max_grad_norm": 1.0, '
+        '"min_micro_batch": 1, "steps": 1200, "warmup_steps": 50, "weight_decay": 0.0}')
+    assert '"optimizer": "adamw8bit"' in TrainParams(optimizer="adamw8bit").fingerprint()
+    assert TrainParams(gradient_checkpointing=True).fingerprint() == TrainParams().fingerprint()
+
+
+def test_sd15_preset_is_the_published_recipes(tmp_path):
+    p = resolve(write_params(tmp_path, "sd15"))
+    assert p.base.mixed_precision == "bf16"
+    prune = p.prune.train  # BK-SDM scripts/kd_train.sh
+    assert (prune.learning_rate, prune.lr_schedule, prune.warmup_steps, prune.batch_size, prune.grad_accum,
+            prune.steps, prune.max_grad_norm, prune.weight_decay, prune.ema_decay) == (
+        5e-5, "constant", 0, 64, 4, 50_000, 1.0, 1e-2, 0.9999)
+    assert (p.prune.task_weight, p.prune.out_kd_weight, p.prune.feat_kd_weight, p.prune.variant) == (1, 1, 1, "small")
+    halve = p.halve.train  # Salimans & Ho, imagenet64_distill.py
+    assert (halve.learning_rate, halve.lr_schedule, halve.warmup_steps, halve.weight_decay, halve.ema_decay,
+            halve.max_grad_norm) == (1e-4, "linear", 0, 0.0, 0.0, 1.0)
+    assert (p.guidance.w_min, p.guidance.w_max, p.halve.w_min, p.halve.w_max) == (2, 14, 2, 14)  # Meng et al.
+    dec = p.decoder.train  # TAESD, madebyollin/taesd#11
+    assert (dec.learning_rate, dec.adam_beta1, dec.adam_beta2, dec.adam_amsgrad, dec.weight_decay,
+            dec.batch_size) == (3e-4, 0.9, 0.9, True, 0.0, 16)
+    unet_stages = [p.vpred.train, p.guidance.train, prune, halve]
+    assert all(tp.gradient_checkpointing and tp.allow_tf32 and tp.batch_size * tp.grad_accum == 256
+               for tp in unet_stages)
+
+
+def test_decoder_refuses_gradient_checkpointing_naming_the_upstream_reason(tmp_path):
+    with pytest.raises(ParamsError, match=r"decoder: .*gradient_checkpointing must be false for the decoder: under "
+                                          r"gradient checkpointing diffusers' EncoderTiny skips"):
+        resolve(write_params(tmp_path, decoder={"train": {"gradient_checkpointing": True}}))
+
+
+def test_amsgrad_needs_the_torch_optimizer(tmp_path):
+    with pytest.raises(ParamsError, match=r"vpred.train: .*adam_amsgrad needs optimizer adamw"):
+        resolve(write_params(tmp_path, vpred={"train": {"optimizer": "adamw8bit", "adam_amsgrad": True}}))

@@ -1,38 +1,28 @@
-"""The sd15 evaluation suite: prompt-set readers, Inception Score, and a whole sd15-profile evaluate run with tiny
-randomly initialised stand-ins for the FID Inception (TorchScript) and CLIP, built from configs (no download)."""
+"""The sd15 evaluation suite: prompt-set readers, Inception Score, the reference statistics' checks with tiny
+randomly initialised stand-ins for the FID Inception (TorchScript) and CLIP, built from configs (no download); and
+the streaming scorers' memory: what they keep, and what scoring a model allocates, for N and 4N images. A whole
+sd15 reference + evaluate run is the rehearsal's (tests/test_e2e.py)."""
 
 import json
+import re
 import shutil
+import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from sd_distill.bench.rehearsal import stand_in_clip, stand_in_inception
 from sd_distill.errors import UserError
 from sd_distill.models.tokenizer import build_tokenizer
-from sd_distill.params import resolve
+from sd_distill.params import EvaluateParams, ReferenceParams, resolve
 from sd_distill.runner import run_stage
-from sd_distill.scoring import coco_captions, hpsv2_prompts, inception_score, parti_prompts
+from sd_distill.scoring import DigitSuite, TextImageSuite, coco_captions, hpsv2_prompts, inception_score, parti_prompts
+from sd_distill.stages import reference
+from sd_distill.stages.evaluate import score
 from tests.conftest import write_params
-
-
-class StandInInception(torch.nn.Module):
-    """The call signature of StyleGAN2-ADA's TorchScript Inception, at toy size: uint8 NCHW in, features or
-    class probabilities out."""
-
-    def __init__(self, features: int = 16, classes: int = 12):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, features, 3, stride=2)
-        self.head = torch.nn.Linear(features, classes)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear")
-        feats = torch.relu(self.conv(x)).mean(dim=(2, 3))
-        if return_features:
-            return feats
-        return torch.softmax(self.head(feats), dim=1)
 
 
 def coco_fixture(root, n=6):
@@ -86,52 +76,9 @@ def test_inception_score_is_one_for_uniform_and_k_for_k_distinct_confident_class
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("standins")
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(StandInInception()), str(root / "inception.pt"))
-    tokenizer = build_tokenizer(["a red cube", "first caption", "second caption", "photo anime"], max_length=16)
-    config = CLIPConfig(
-        text_config={"vocab_size": tokenizer.vocab_size, "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=8)
-    CLIPModel(config).save_pretrained(root / "clip")
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    processor.save_pretrained(root / "clip")
+    stand_in_inception(root / "inception.pt")
+    stand_in_clip(root / "clip", ["a red cube", "first caption", "second caption", "photo anime"], max_length=16)
     return root
-
-
-def test_sd15_profile_evaluation_with_stand_ins(smoke_project, stand_ins, tmp_path):
-    shutil.copytree(smoke_project / "models", tmp_path / "models")
-    shutil.copytree(smoke_project / "data", tmp_path / "data")
-    captions, images = coco_fixture(tmp_path / "coco")
-    (tmp_path / "parti.tsv").write_text("Prompt\na red cube\na blue bird\n")
-    params = resolve(write_params(  # evaluate reads the image size from the teacher, not from prepare's params
-        tmp_path, profile="sd15",
-        base={"device": "cpu", "mixed_precision": "no"},
-        evaluate={"steps": 4, "baseline_steps": [2, 1], "batch_size": 4, "prompt_sets": ["coco", "parti"],
-                  "images_per_set": 4, "latency_repeats": 1, "grid_columns": 3,
-                  "coco_captions": str(captions), "coco_images": str(images), "parti_prompts": str(tmp_path / "parti.tsv"),
-                  "inception": str(stand_ins / "inception.pt"), "clip_model": str(stand_ins / "clip")}))
-    run_stage("evaluate", params, tmp_path)
-    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert "inception.pt" in metrics["fid_features"] and metrics["prompt_sets"] == {"coco": 4, "parti": 2}
-    teacher, student = metrics["models"]["teacher@4"], metrics["models"]["student@1"]
-    for row in (teacher, student):
-        assert row["samples"] == 6 and set(row["sets"]) == {"coco", "parti"}
-        assert np.isfinite(row["fid"]) and row["fid"] >= 0 and row["fid"] == row["sets"]["coco"]["fid"]
-        assert 1.0 <= row["inception_score"] <= 12  # between one class and the stand-in's 12
-        assert row["clip_score"] == pytest.approx(np.mean([s["clip_score"] for s in row["sets"].values()]))
-        assert "accuracy" not in row
-    assert teacher["fid_ratio"] == pytest.approx(1.0) and teacher["clip_score_ratio"] == pytest.approx(1.0)
-    assert student["clip_score_ratio"] == pytest.approx(student["clip_score"] / teacher["clip_score"])
-    header = (tmp_path / "reports" / "quality_vs_steps.csv").read_text().splitlines()[0].split(",")
-    assert header[:4] == ["steps", "student_fid", "student_clip_score", "student_inception_score"]
-    header = next(line for line in (tmp_path / "reports" / "report.md").read_text().splitlines()
-                  if line.startswith("| model |"))
-    assert "| CLIP |" in header and "| IS |" in header and "accuracy" not in header
 
 
 def test_sd15_evaluation_names_a_missing_inception_file(smoke_project, tmp_path):
@@ -140,8 +87,160 @@ def test_sd15_evaluation_names_a_missing_inception_file(smoke_project, tmp_path)
     captions, images = coco_fixture(tmp_path / "coco")
     params = resolve(write_params(
         tmp_path, profile="sd15", base={"device": "cpu", "mixed_precision": "no"},
+        reference={"sets": ["coco"], "images": 2, "coco_captions": str(captions), "coco_images": str(images),
+                   "inception": str(tmp_path / "nowhere.pt")},
         evaluate={"prompt_sets": ["coco"], "images_per_set": 2, "coco_captions": str(captions),
-                  "coco_images": str(images), "inception": str(tmp_path / "nowhere.pt")}))
+                  "inception": str(tmp_path / "nowhere.pt")}))
     with pytest.raises(UserError, match="evaluate.inception: .*nowhere.pt does not exist"):
         run_stage("evaluate", params, tmp_path)
     assert not (tmp_path / "reports" / "metrics.json").exists()
+    with pytest.raises(UserError, match="reference.inception: .*nowhere.pt does not exist"):
+        run_stage("reference", params, tmp_path)
+
+
+def coco_reference(root, stand_ins, captions, images, n, inception="inception.pt", side=24):
+    """``data/reference`` with the COCO sums of the first ``n`` fixture images at ``side`` px (no stage run)."""
+    p = ReferenceParams(sets=("coco",), images=n, batch_size=5, coco_captions=str(captions), coco_images=str(images),
+                        inception=str(stand_ins / inception))
+    reference.write(root, {"coco": reference.coco_statistics(p, side, "cpu")})
+    return reference.Reference(root)
+
+
+def test_evaluate_refuses_coco_statistics_made_with_another_inception_count_or_side(smoke_project, stand_ins,
+                                                                                   tmp_path):
+    captions, images = coco_fixture(tmp_path / "coco")
+    stand_in_inception(stand_ins / "other-inception.pt", seed=1)
+    ref = coco_reference(tmp_path / "ref", stand_ins, captions, images, 4)
+    files = [f for _, f in coco_captions(str(captions), 4)]
+    sums, info = ref.coco(files, stand_ins / "inception.pt", 24)  # what it was made with: accepted
+    assert int(sums["count"]) == 4 and sums["outer"].shape == (16, 16) and info["count"] == 4
+    manifest = re.escape(str(tmp_path / "ref" / "manifest.json"))
+    with pytest.raises(UserError, match=rf"{manifest}: coco extractor_sha256: expected '[0-9a-f]{{64}}' \(from "
+                                        r"evaluate.inception\), found '[0-9a-f]{64}'"):
+        ref.coco(files, stand_ins / "other-inception.pt", 24)
+    with pytest.raises(UserError, match=r"coco resolution: expected 512 \(from the teacher's output side\), found 24"):
+        ref.coco(files, stand_ins / "inception.pt", 512)
+    with pytest.raises(UserError, match=r"coco count: expected 3 \(from evaluate.images_per_set\), found 4"):
+        ref.coco(files[:3], stand_ins / "inception.pt", 24)
+    with pytest.raises(UserError, match=rf"{manifest}: no 'digits' statistics \(it has \['coco'\]\); add digits to "
+                                        "reference.sets"):
+        ref.digits(smoke_project / "data" / "prepared")
+    # the whole stage refuses it before sampling anything, and writes nothing
+    shutil.copytree(smoke_project / "models", tmp_path / "models")
+    shutil.copytree(smoke_project / "data" / "prepared", tmp_path / "data" / "prepared")
+    params = resolve(write_params(
+        tmp_path, profile="sd15", base={"device": "cpu", "mixed_precision": "no"},
+        reference={"sets": ["coco"], "images": 4, "coco_captions": str(captions), "coco_images": str(images),
+                   "inception": str(stand_ins / "inception.pt")},
+        evaluate={"prompt_sets": ["coco"], "images_per_set": 4, "coco_captions": str(captions),
+                  "inception": str(stand_ins / "other-inception.pt"), "clip_model": str(stand_ins / "clip")}))
+    run_stage("reference", params, tmp_path)
+    with pytest.raises(UserError, match="coco extractor_sha256: expected"):
+        run_stage("evaluate", params, tmp_path)
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+
+
+def test_a_changed_statistics_file_is_refused(stand_ins, tmp_path):
+    captions, images = coco_fixture(tmp_path / "coco")
+    coco_reference(tmp_path / "ref", stand_ins, captions, images, 4)
+    stats = tmp_path / "ref" / "stats.npz"
+    stats.write_bytes(stats.read_bytes()[:-10])
+    with pytest.raises(UserError, match=re.escape(f"{stats}: missing, or its sha256 differs")):
+        reference.Reference(tmp_path / "ref")
+
+
+# -- memory: a scorer keeps sums, not images, and scoring a model holds one batch ------------------------------
+
+def held_bytes(obj, *leave_out) -> int:
+    """Bytes of every numpy array and torch tensor reachable from ``obj`` through attributes and containers,
+    ``leave_out`` (the suite and its feature extractor, shared by every model's scorer) not followed."""
+    seen, total, todo = {id(x) for x in leave_out}, 0, [obj]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, np.ndarray):
+            total += x.nbytes
+        elif isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            todo.extend(x)
+        elif hasattr(x, "__dict__"):
+            todo.extend(vars(x).values())
+    return total
+
+
+def digit_suite(smoke_project, n: int, batch: int = 20) -> DigitSuite:
+    data = smoke_project / "data"
+    p = EvaluateParams(samples_per_prompt=n // 10, batch_size=batch)
+    return DigitSuite(data / "prepared", reference.Reference(data / "reference"), p, seed=0)
+
+
+def test_digit_scorer_keeps_the_same_state_for_n_and_4n_images(smoke_project):
+    rng = np.random.default_rng(0)
+    held = {}
+    for n in (100, 400):
+        suite = digit_suite(smoke_project, n)
+        scorer = suite.start()
+        for start in range(0, n, 20):
+            scorer.add(start, rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8))
+        result = scorer.result()
+        assert np.isfinite(result["fid"]) and 0 <= result["accuracy"] <= 1
+        assert scorer.grid().shape == (10, 16, 16, 3)
+        held[n] = held_bytes(scorer, suite, suite.extractor)
+    assert held[400] == held[100]  # 300 images more, not one byte more
+    assert held[400] < 400 * 16 * 16 * 3  # FID's sums and ten tiles: less than the images it scored
+
+
+def test_text_image_scorer_keeps_only_the_inception_probabilities_per_image(stand_ins, tmp_path):
+    captions, images = coco_fixture(tmp_path / "coco", n=32)
+    rng = np.random.default_rng(0)
+    held = {}
+    for n in (8, 32):
+        ref = coco_reference(tmp_path / f"ref-{n}", stand_ins, captions, images, n)
+        p = EvaluateParams(suite="text-image", prompt_sets=("coco",), images_per_set=n, batch_size=4, grid_columns=3,
+                           coco_captions=str(captions), inception=str(stand_ins / "inception.pt"),
+                           clip_model=str(stand_ins / "clip"))
+        suite = TextImageSuite(p, seed=0, resolution=24, device="cpu", reference=ref)
+        scorer = suite.start()
+        for start in range(0, n, 4):
+            scorer.add(start, rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8))
+        result = scorer.result()
+        assert result["sets"]["coco"]["images"] == n and np.isfinite(result["fid"])
+        assert 1 <= result["inception_score"] <= 12
+        held[n] = held_bytes(scorer, suite, suite.inception)
+    classes = 12  # the stand-in's
+    assert held[32] - held[8] == (32 - 8) * classes * 4  # float32 class probabilities, nothing else per image
+
+
+class FakePipe:
+    """The stock pipeline's call as ``evaluate.sample`` makes it, drawing (n, side, side, 3) float images in [0, 1]
+    from each generator's seed."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, prompt, num_inference_steps, guidance_scale, generator, output_type):
+        images = [np.random.default_rng(g.initial_seed()).random((self.side, self.side, 3), dtype=np.float32)
+                  for g in generator]
+        return SimpleNamespace(images=np.stack(images))
+
+
+def test_scoring_a_model_allocates_the_same_for_n_and_4n_images(smoke_project):
+    side, n = 64, 400
+    image_bytes = side * side * 3  # uint8
+    pipe = FakePipe(side)
+    peaks = {}
+    for count in (20, n, 4 * n):  # the first warms up lazy initialisation
+        suite = digit_suite(smoke_project, count, batch=10)
+        tracemalloc.start()
+        metrics, tiles = score(pipe, suite, suite.p, steps=1, calls=1)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert metrics["samples"] == count and tiles.shape == (10, side, side, 3)
+    # keeping the images would need 4n * image_bytes (19.7 MB) at 4n, 3n * image_bytes more than at n
+    assert peaks[4 * n] < n * image_bytes
+    assert peaks[4 * n] - peaks[n] < n * image_bytes / 4

@@ -1,4 +1,5 @@
 import shutil
+import sys
 
 import pytest
 import torch
@@ -213,3 +214,149 @@ def test_split_batch_keeps_structure_and_shares():
     assert [len(p[0]) for p, _ in pieces] == [2, 3, 3, 2] and sum(s for _, s in pieces) == pytest.approx(1.0)
     assert torch.equal(torch.cat([p[0] for p, _ in pieces]), x) and all(p[2] is w for p, _ in pieces)
     assert [len(p["x"]) for p, _ in split_batch({"x": x}, 2)] == [5, 5]
+
+
+# -- memory levers: optimizer, precision, checkpointing, the memory check before step 1 ---------------------------
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state and refuses another mixed precision in the same process (a stage
+    runs in its own): reset around a test that trains under bf16."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_autocast_trains_fp32_master_weights(tmp_path, fresh_accelerator_state):
+    seen = []
+
+    def watching(model, batch, gen):
+        seen.append(model(batch[0]).dtype)
+        return mse(model, batch, gen)
+
+    p = PARAMS.model_copy(update={"steps": 3})
+    result = train(toy_model(), watching, batch_fn, p, tmp_path, seed=0, mixed_precision="bf16")
+    assert set(seen) == {torch.bfloat16}  # the loss ran under autocast
+    assert {w.dtype for w in result.model.parameters()} == {torch.float32}
+    assert all(v == v for v in result.losses)
+
+
+def test_8bit_adamw_without_bitsandbytes_is_a_user_error_before_anything_is_removed(tmp_path, monkeypatch):
+    from sd_distill.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    train(toy_model(), mse, batch_fn, PARAMS.model_copy(update={"steps": 4}), tmp_path, seed=0)
+    p = PARAMS.model_copy(update={"optimizer": "adamw8bit"})
+    with pytest.raises(UserError, match=r"^train: train.optimizer is 'adamw8bit', which needs bitsandbytes, and it "
+                                        r"is not installed; `pip install bitsandbytes`") as err:
+        train(toy_model(), mse, batch_fn, p, tmp_path, seed=0)
+    assert err.value.EXIT_CODE == 2
+    assert [c.name for c in checkpoints(tmp_path)] == ["step-0000004"]  # the earlier run's checkpoint is kept
+
+
+def test_a_run_that_would_not_fit_the_gpu_stops_before_step_1(tmp_path, monkeypatch):
+    from sd_distill.errors import UserError
+    from sd_distill.training import loop
+
+    monkeypatch.setattr(loop, "device_memory", lambda device: 10**9)  # a 1 GB "GPU"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "test GPU")
+    calls = []
+
+    def counting(model, batch, gen):
+        calls.append(1)
+        return mse(model, batch, gen)
+
+    with pytest.raises(UserError, match=r"^prune: needs an estimated 2\.0 GB of GPU memory \(weights 1\.5, "
+                                        r"activations 0\.5\), more than the 0\.9 GB usable of test GPU's 1\.0 GB"):
+        train(toy_model(), counting, batch_fn, PARAMS, tmp_path, seed=0, name="prune",
+              memory=lambda: {"weights": 15 * 10**8, "activations": 5 * 10**8})
+    assert calls == [] and checkpoints(tmp_path) == []
+    monkeypatch.setattr(loop, "device_memory", lambda device: None)  # not CUDA: nothing is checked
+    assert train(toy_model(), mse, batch_fn, PARAMS.model_copy(update={"steps": 1}), tmp_path, seed=0,
+                 memory=lambda: {"weights": 10**15}).losses
+
+
+def small_unet():
+    from sd_distill.models import parts
+    from sd_distill.params import UnetArch
+
+    torch.manual_seed(0)
+    return parts.build_unet(UnetArch(block_out_channels=(8, 16, 16), attention_head_dim=4, norm_num_groups=8), 8, 4,
+                            16)
+
+
+def unet_batch(step, micro, gen):
+    return (torch.randn(2, 4, 8, 8, generator=gen), torch.randint(0, 1000, (2,), generator=gen),
+            torch.randn(2, 16, 16, generator=gen))
+
+
+def unet_mse(model, batch, gen):
+    z, t, cond = batch
+    return torch.nn.functional.mse_loss(model(z, t, cond).sample, z), {}
+
+
+def test_gradient_checkpointing_trains_the_same_weights_and_resumes_across_the_switch(tmp_path):
+    p = PARAMS.model_copy(update={"steps": 2, "ema_decay": 0.0})
+    plain = train(small_unet(), unet_mse, unet_batch, p, tmp_path / "a", seed=0)
+    ckpt = p.model_copy(update={"gradient_checkpointing": True})
+    recomputed = train(small_unet(), unet_mse, unet_batch, ckpt, tmp_path / "b", seed=0)
+    a, b = weights(plain.model), weights(recomputed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert recomputed.losses == plain.losses and not recomputed.model.is_gradient_checkpointing
+    assert ckpt.fingerprint() == p.fingerprint()  # a checkpoint made without it resumes with it
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_refused(tmp_path):
+    from sd_distill.errors import UserError
+
+    with pytest.raises(UserError, match="train.gradient_checkpointing is true, but Sequential has no gradient "
+                                        "checkpointing"):
+        train(toy_model(), mse, batch_fn, PARAMS.model_copy(update={"gradient_checkpointing": True}), tmp_path,
+              seed=0)
+
+
+def test_adam_knobs_reach_the_optimizer():
+    from sd_distill.training.loop import build_optimizer
+
+    p = PARAMS.model_copy(update={"adam_beta1": 0.8, "adam_beta2": 0.9, "adam_epsilon": 1e-6, "adam_amsgrad": True,
+                                  "weight_decay": 0.01})
+    group = build_optimizer(toy_model(), p, "decoder").param_groups[0]
+    assert (group["betas"], group["eps"], group["amsgrad"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, True, 0.01)
+    default = build_optimizer(toy_model(), PARAMS, "x").param_groups[0]
+    reference = torch.optim.AdamW(toy_model().parameters(), lr=PARAMS.learning_rate).param_groups[0]
+    keys = ("betas", "eps", "amsgrad")
+    assert {k: default[k] for k in keys} == {k: reference[k] for k in keys}  # the tiny profile's optimizer as before
+
+
+def test_a_halving_round_under_bf16_keeps_a_bf16_teacher_and_an_fp32_student_copied_before_the_cast(
+        tmp_path, fresh_accelerator_state):
+    from types import SimpleNamespace
+
+    from sd_distill.data.latents import LatentBatches
+    from sd_distill.models import parts
+    from sd_distill.params import BaseParams, HalveParams, TeacherParams
+    from diffusers import UNet2DConditionModel
+
+    from sd_distill.stages import halve, vpred
+
+    config = {k: v for k, v in small_unet().config.items() if not k.startswith("_")}
+    teacher = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8})  # w-conditioned, as halve needs
+    fp32 = weights(teacher)
+    scheduler = vpred.v_scheduler(parts.build_sampling_scheduler(TeacherParams()).config, False)
+    gen = torch.Generator().manual_seed(0)
+    posterior = torch.stack([torch.randn(4, 4, 8, 8, generator=gen), torch.full((4, 4, 8, 8), 0.1)], dim=1)
+    table = torch.randn(4, 16, 16, generator=gen)
+    latents = LatentBatches(4, 2, 0.18215, table[-1],
+                            lambda step, micro, idx: {"posterior": posterior[idx], "cond": table[idx]})
+    p = HalveParams(train=TrainParams(batch_size=2, learning_rate=1e-12, warmup_steps=0, ema_decay=0.0),
+                    round_steps={1: 1})
+    base = BaseParams(device="cpu", mixed_precision="bf16")
+    pipe = halve.distill_round(SimpleNamespace(unet=teacher, scheduler=scheduler), latents, 1, 2, p, base, tmp_path)
+    assert {w.dtype for w in teacher.parameters()} == {torch.bfloat16}  # the frozen teacher, cast in place
+    student = weights(pipe.unet)
+    assert {w.dtype for w in student.values()} == {torch.float32}
+    assert all(torch.allclose(student[k], fp32[k], rtol=0, atol=1e-9) for k in fp32)  # lr 1e-12: one tiny step
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in fp32.items()}
+    assert not all(torch.allclose(student[k], rounded[k], rtol=0, atol=1e-9) for k in fp32)  # not from bf16

@@ -39,11 +39,27 @@ class TrainParams(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch_size x "
                             "grad_accum; N processes take grad_accum / N each, so it must be a multiple of N)")
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "cosine", description="diffusers.optimization.get_scheduler: constant ignores warmup_steps; linear decays "
+                              "to 0 at the last step (after the warmup)")
     warmup_steps: int = Field(50, ge=0)
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: torch.optim.AdamW; adamw8bit: bitsandbytes' AdamW8bit (8-bit optimizer "
+                             "states, Dettmers et al. 2022: 2 instead of 8 bytes per parameter; needs `pip install "
+                             "bitsandbytes` and CUDA)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    adam_amsgrad: bool = Field(False, description="AMSGrad (Reddi et al. 2018): one more state, 4 bytes per "
+                                                  "parameter; adamw only")
     ema_decay: float = Field(0.995, ge=0, lt=1, description="0 turns EMA off")
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in backward "
+                                         "(diffusers' enable_gradient_checkpointing): much less activation memory "
+                                         "for one more forward; does not change the result")
+    allow_tf32: bool = Field(False, description="CUDA: TF32 tensor cores for float32 matmuls and convolutions "
+                                                "(the ops autocast leaves in float32)")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(25, ge=1, description="steps between logged losses")
@@ -51,10 +67,20 @@ class TrainParams(Section):
                                 "the step (0: read in the training process); does not change the result")
     prefetch_batches: int = Field(2, ge=1, description="micro-batches each loader worker reads ahead")
 
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> "TrainParams":
+        if self.optimizer == "adamw8bit" and self.adam_amsgrad:
+            raise ValueError("adam_amsgrad needs optimizer adamw (bitsandbytes' AdamW8bit has no AMSGrad)")
+        return self
+
     def fingerprint(self) -> str:
-        """What a checkpoint must have been made with to be resumed: every knob that changes the result."""
-        return json.dumps(self.model_dump(mode="json", exclude={"loader_workers", "prefetch_batches"}),
-                          sort_keys=True)
+        """What a checkpoint must have been made with to be resumed: every knob that changes the result. Knobs added
+        after checkpoints existed join it only when set away from their default (the loop's behaviour before they
+        existed), so those checkpoints still resume."""
+        neutral = {"loader_workers", "prefetch_batches", "gradient_checkpointing"}
+        added = ("optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_amsgrad", "allow_tf32")
+        unset = {k for k in added if getattr(self, k) == TrainParams.model_fields[k].default}
+        return json.dumps(self.model_dump(mode="json", exclude=neutral | unset), sort_keys=True)
 
 
 class VaeArch(Section):
@@ -310,6 +336,16 @@ class DecoderParams(Section):
     train: TrainParams = TrainParams(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=20,
                                      ema_decay=0.0, checkpoint_every=200)
 
+    @model_validator(mode="after")
+    def _check_checkpointing(self) -> "DecoderParams":
+        if self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing must be false for the decoder: under gradient "
+                             "checkpointing diffusers' EncoderTiny skips its [-1, 1] -> [0, 1] input rescale "
+                             "(diffusers/models/autoencoders/vae.py, EncoderTiny.forward), so the tiny encoder would "
+                             "train on other inputs than it sees at inference; TAESD's 1.2 M-parameter layers need "
+                             "no checkpointing (`sd-distill plan` shows the decoder's memory)")
+        return self
+
 
 class AssembleParams(Section):
     steps: int = Field(1, description="which steps-N student becomes models/student (the sampling steps)")
@@ -344,7 +380,6 @@ class EvaluateParams(Section):
         (), description="sd15 prompt sets: coco (FID, IS, CLIP), parti and hpsv2 (CLIP, HPSv2)")
     images_per_set: int = Field(1000, ge=1, description="sd15: images per prompt set (one per prompt)")
     coco_captions: str | None = Field(None, description="MS-COCO annotations/captions_val2017.json")
-    coco_images: str | None = Field(None, description="MS-COCO val2017 image folder (the FID reference)")
     parti_prompts: str | None = Field(None, description="PartiPrompts.tsv")
     hpsv2_prompts: str | None = Field(None, description="HPSv2 benchmark prompts: folder of <style>.json lists")
     inception: str | None = Field(None, description="TorchScript FID Inception, inception-2015-12-05.pt (local)")
@@ -359,6 +394,27 @@ class EvaluateParams(Section):
             raise ValueError(f"prompt_sets {list(self.prompt_sets)} are scored by suite text-image; the digits suite "
                              "has its own prompts (set suite: text-image, or prompt_sets: [])")
         return self
+
+
+class ReferenceParams(Section):
+    """The real images' feature statistics that evaluate's FID compares against, computed once (stage ``reference``).
+
+    The text-image keys describe the same COCO protocol as ``evaluate``'s; evaluate checks that they agree (the
+    Inception file's sha256, the images by name, their number, the resolution) and names the key that does not."""
+
+    sets: tuple[Literal["digits", "coco"], ...] = Field(
+        ("digits",), description="digits: the prepared test split in the digit classifier's feature space, and the "
+                                 "val split's FID against it (tiny, smoke); coco: MS-COCO val2017 images in "
+                                 "Inception's (sd15, for evaluate.prompt_sets with coco)")
+    batch_size: int = Field(64, ge=1, description="images per feature-extractor call (the statistics do not depend "
+                                                  "on it beyond float rounding)")
+    images: int = Field(1000, ge=1, description="coco: the first this many images by id (= evaluate.images_per_set; "
+                                                "30000 for BK-SDM's COCO-30k)")
+    coco_captions: str | None = Field(None, description="coco: MS-COCO annotations/captions_val2017.json (which "
+                                                        "images: the same rule as evaluate's prompts)")
+    coco_images: str | None = Field(None, description="coco: MS-COCO val2017 image folder")
+    inception: str | None = Field(None, description="coco: TorchScript FID Inception, inception-2015-12-05.pt (local; "
+                                                    "the same file as evaluate.inception)")
 
 
 class GateBound(Section):
@@ -393,6 +449,7 @@ SECTIONS: dict[str, type[Section]] = {
     "halve": HalveParams,
     "decoder": DecoderParams,
     "assemble": AssembleParams,
+    "reference": ReferenceParams,
     "evaluate": EvaluateParams,
     "register": RegisterParams,
 }
@@ -428,14 +485,91 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {"source": "runwayml/stable-diffusion-v1-5"},
         # almost every caption is unique: token ids on disk, the frozen text encoder runs in the training step
         "encode": {"embeddings": "computed", "batch_size": 64},
-        "prune": {"task_weight": 1.0, "task_share": 0.25},  # BK-SDM's loss weights
-        "decoder": {"arch": {"channels": 64}, "train": {"batch_size": 8}, "eval_images": 64},  # TAESD's width
+        # Every training number below cites its source, a paper or released code (the project's research notes,
+        # scale.md sec. 2 and 5, seed_features.md and one_step.md, checked them), or says that none is published and
+        # why the number was chosen. Memory levers in every UNet stage: bf16 autocast over fp32 master weights
+        # (base), frozen teachers in bf16 (parts.frozen, as BK-SDM casts its teacher), SDPA (diffusers' default
+        # AttnProcessor2_0), gradient checkpointing (BK-SDM scripts/kd_train.sh --gradient_checkpointing) and TF32
+        # (DMD2 experiments/sdv1.5, TF32 on); max_grad_norm 1 (BK-SDM; Salimans & Ho's grad_clip 1). Global batch
+        # 256 = 64 x 4 in every UNet stage: BK-SDM's (kd_train.sh), which fits one 80 GB GPU; with N GPUs keep
+        # batch_size x grad_accum = 256 with grad_accum a multiple of N. `sd-distill plan --profile sd15` prints
+        # each stage's samples, FLOPs, GPU-hours and memory.
+        "vpred": {
+            # v-finetune: lr 1e-5 constant (diffusers examples/text_to_image/README.md fine-tune; YongfeiYan
+            # scripts/progressdstl/finetune_v_prediction.sh), weight decay 1e-2 (diffusers train_text_to_image
+            # --adam_weight_decay default, kept by BK-SDM src/kd_train_text_to_image.py), EMA 0.995 and 10 %
+            # caption dropout (finetune_v_prediction.sh, --puncond 0.1). Steps: no published number for SD v1.5
+            # eps -> v; chose 5,000 x 256 = 1.28 M samples, 5x YongfeiYan's 2,000 x 120 (ImageNet LDM), the low end
+            # of scale.md's 5-10 k because targets: teacher is a regression onto the teacher's own prediction.
+            "caption_dropout": 0.1,
+            "train": {"steps": 5000, "batch_size": 64, "grad_accum": 4, "learning_rate": 1e-5,
+                      "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
+                      "ema_decay": 0.995, "gradient_checkpointing": True, "allow_tf32": True,
+                      "checkpoint_every": 1000, "log_every": 50},
+        },
+        "guidance": {
+            # Meng et al. 2023 (arXiv:2210.03142), stage one: w ~ U[2, 14] for latent text-to-image (w = scale - 1,
+            # scale 3-15; as in ruiqixu37/distill_diffusion configs/stage_one.yaml); w embedding width 256 (diffusers
+            # LCM time_cond_proj_dim default; ruiqixu37). No official SD code gives lr or steps: lr 1e-5 AdamW
+            # (0.9, 0.999, wd 0.01), constant after 500 warmup steps, as DMD2 trains its SD v1.5 UNet
+            # (experiments/sdv1.5/*.sh, main/train_sd.py). Steps: no published number; chose 10,000 x 256 = 2.56 M
+            # samples, twice vpred's, since the student learns a whole range of w. EMA: none published; 0.999
+            # (horizon ~1 k steps, a tenth of the run; YongfeiYan's later stages use 0.999).
+            "w_min": 2.0, "w_max": 14.0, "embedding_dim": 256,
+            "train": {"steps": 10000, "batch_size": 64, "grad_accum": 4, "learning_rate": 1e-5,
+                      "lr_schedule": "constant_with_warmup", "warmup_steps": 500, "weight_decay": 1e-2,
+                      "max_grad_norm": 1.0, "ema_decay": 0.999, "gradient_checkpointing": True, "allow_tf32": True,
+                      "checkpoint_every": 1000, "log_every": 50},
+        },
+        "prune": {
+            # BK-SDM exactly (Nota-NetsPresso/BK-SDM scripts/kd_train.sh, src/kd_train_text_to_image.py): BK-small,
+            # AdamW lr 5e-5 constant, no warmup, batch 64 x 4 accumulation = 256, max_grad_norm 1, weight decay 1e-2
+            # and betas (0.9, 0.999) (the script's defaults), --use_ema with diffusers EMAModel's default decay
+            # 0.9999, lambda_sd = lambda_kd_output = lambda_kd_feat = 1; 50,000 iterations (the released models; the
+            # script's 400 k is not what was released, maintainer in BK-SDM#45). task_share 0.25 is ours: the parent
+            # is w-conditioned and the data's v is the task target only at w = 0. w range: the guided model's.
+            "variant": "small", "task_weight": 1.0, "out_kd_weight": 1.0, "feat_kd_weight": 1.0, "task_share": 0.25,
+            "w_min": 2.0, "w_max": 14.0,
+            "train": {"steps": 50000, "batch_size": 64, "grad_accum": 4, "learning_rate": 5e-5,
+                      "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
+                      "ema_decay": 0.9999, "gradient_checkpointing": True, "allow_tf32": True,
+                      "checkpoint_every": 1000, "log_every": 50},
+        },
+        "halve": {
+            # Salimans & Ho 2022, released config (google-research diffusion_distillation/config/
+            # imagenet64_distill.py): Adam lr 1e-4 annealed linearly to 0 within each round, no warmup, weight decay
+            # 0, grad clip 1, ema_decay 0. Its batch 2048 x 50 k steps per round would cost ~8x this chain; chose
+            # BK-SDM's 256 and the per-round steps of YongfeiYan scripts/progressdstl/stage_two.sh (2 k, 2 k, 5 k,
+            # 20 k, 20 k, 20 k for 32 ... 1 steps: longer rounds at few steps), whose SD-LDM port runs at batch 120.
+            # w range: the same as stage one (Meng et al. 2023, stage two).
+            "w_min": 2.0, "w_max": 14.0,
+            "train": {"batch_size": 64, "grad_accum": 4, "learning_rate": 1e-4, "lr_schedule": "linear",
+                      "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "ema_decay": 0.0,
+                      "gradient_checkpointing": True, "allow_tf32": True, "checkpoint_every": 1000, "log_every": 50},
+            "round_steps": {32: 2000, 16: 2000, 8: 5000, 4: 20000, 2: 20000, 1: 20000},
+        },
+        "decoder": {
+            # TAESD (madebyollin/taesd#11, the maintainer): Adam(lr 3e-4, betas (0.9, 0.9), amsgrad=True), batch 16,
+            # 64 channels (TAESD's width). No schedule, step count, EMA or adversarial weight is published: constant
+            # (the quoted optimizer has no scheduler); 50,000 x 16 = 0.8 M images, ~3.6 epochs of BK-SDM's 0.22 M
+            # pairs; EMA off; adversarial_weight stays 0 (TAESD's decoder is a conditional GAN, #2, but with no
+            # weight given, until measured). No gradient checkpointing: see DecoderParams.
+            "arch": {"channels": 64}, "eval_images": 64,
+            "train": {"steps": 50000, "batch_size": 16, "learning_rate": 3e-4, "lr_schedule": "constant",
+                      "warmup_steps": 0, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.9,
+                      "adam_amsgrad": True, "ema_decay": 0.0, "allow_tf32": True, "checkpoint_every": 2000,
+                      "log_every": 50},
+        },
         "evaluate": {"suite": "text-image", "batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"],
                      "images_per_set": 1000,
                      "baseline_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,
                      "coco_captions": "data/eval/coco/annotations/captions_val2017.json",
-                     "coco_images": "data/eval/coco/val2017", "parti_prompts": "data/eval/PartiPrompts.tsv",
+                     "parti_prompts": "data/eval/PartiPrompts.tsv",
                      "hpsv2_prompts": "data/eval/hpsv2", "inception": "data/eval/inception-2015-12-05.pt"},
+        # the FID reference: the same COCO images as evaluate's coco prompts, through the same Inception file
+        "reference": {"sets": ["coco"], "images": 1000,
+                      "coco_captions": "data/eval/coco/annotations/captions_val2017.json",
+                      "coco_images": "data/eval/coco/val2017", "inception": "data/eval/inception-2015-12-05.pt"},
         "register": {"gate": [{"metric": "fid_ratio", "op": "<=", "value": 1.3},
                               {"metric": "clip_score_ratio", "op": ">=", "value": 0.95}]},
     },
@@ -672,6 +806,7 @@ class Params(BaseModel):
     halve: HalveParams
     decoder: DecoderParams
     assemble: AssembleParams
+    reference: ReferenceParams
     evaluate: EvaluateParams
     register: RegisterParams
 

@@ -6,6 +6,7 @@ The DAG of the whole product (later stages join this table as their issues land)
 
     prepare -> teacher -> encode -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
                       \\-> decoder -------------------------------------------------/
+                      \\-> reference -----------------------------------------------------------------------/
 """
 
 from __future__ import annotations
@@ -146,13 +147,22 @@ STAGES: tuple[Stage, ...] = (
         resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
     ),
     Stage(
+        name="reference",
+        entry="sd_distill.stages.reference:main",
+        doc="the real images' feature statistics for FID (count, sum, sum of outer products), computed once: the "
+            "digits test split (tiny, smoke) or MS-COCO val2017 through Inception (sd15), read in batches",
+        inputs={"data": "data/prepared", "teacher": "models/teacher"},  # the teacher: the side of its images
+        outputs={"reference": "data/reference"},
+        resources=MODEL_STAGE,  # sd15: Inception on the GPU
+    ),
+    Stage(
         name="evaluate",
         entry="sd_distill.stages.evaluate:main",
         doc="score every model and the teacher's solver baselines (quality, cost, latency); metrics, plots, "
             "grid, Pareto plot and report.md",
         inputs={"data": "data/prepared", "teacher": "models/teacher", "guided": "models/guided",
                 "pruned": "models/pruned", **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS},
-                "student": "models/student"},
+                "student": "models/student", "reference": "data/reference"},
         metrics={"metrics": "reports/metrics.json"},
         plots={"quality": "reports/quality_vs_steps.csv", "pareto": "reports/pareto.csv",
                "grid": "reports/grid.png", "pareto_plot": "reports/pareto.png"},

@@ -1,7 +1,13 @@
-"""What ``evaluate`` measures on one model's samples, as a suite per profile.
+"""What ``evaluate`` measures on one model's samples, as a suite per profile, scored batch by batch.
 
-A suite fixes the prompts and seeds (the same for every model), scores a model's images, and says how its
-figures compare with the teacher's:
+A suite fixes the prompts and seeds (the same for every model). ``suite.start()`` gives a scorer for one model:
+``add(start, images)`` takes the images of prompts ``start, start + 1, ...`` as the sampler makes them and keeps
+running sums only: FID's feature count, sum and sum of outer products (float64, in torchmetrics'
+``FrechetInceptionDistance``), right answers per digit, CLIP and HPSv2 score sums, the Inception Score's class
+probabilities (float32 on the CPU, 4 KB an image: IS needs them all) and the grid's few tiles. ``result()`` gives
+the figures. So 30,000 images per set need no more memory than 1,000. The real side of FID is the ``reference``
+stage's statistics (``stages.reference``), made once; a suite asks them for the feature extractor, images and
+resolution it uses and gets a clear error if they were made for others.
 
 - ``DigitSuite`` (tiny, smoke): ``samples_per_prompt`` images per digit prompt; classifier accuracy (prompt
   adherence) and FID in the digit classifier's feature space against the real test split.
@@ -28,21 +34,24 @@ from sd_distill.errors import UserError
 from sd_distill.params import EvaluateParams
 
 PROMPT_SETS = ("coco", "parti", "hpsv2")
+INCEPTION_FILE = "the TorchScript FID Inception inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid)"
+DIGIT_FEATURES = "digit-classifier features (penultimate layer)"
 
 
 # --------------------------------------------------------------------------- prompt sets (sd15)
-def _need(path: str | None, key: str, what: str) -> Path:
+def need_path(path: str | None, key: str, what: str) -> Path:
+    """``path`` as a ``Path`` that exists, or a ``UserError`` naming params key ``key`` (``evaluate.inception``)."""
     if not path:
-        raise UserError(f"evaluate.{key} is not set; it must point at {what}")
+        raise UserError(f"{key} is not set; it must point at {what}")
     p = Path(path)
     if not p.exists():
-        raise UserError(f"evaluate.{key}: {p} does not exist; expected {what}")
+        raise UserError(f"{key}: {p} does not exist; expected {what}")
     return p
 
 
-def coco_captions(path: str | None, n: int) -> list[tuple[str, str]]:
+def coco_captions(path: str | None, n: int, key: str = "evaluate.coco_captions") -> list[tuple[str, str]]:
     """(caption, image file name) for the first ``n`` images by id, the first caption of each (COCO 2017 val)."""
-    p = _need(path, "coco_captions", "MS-COCO's annotations/captions_val2017.json")
+    p = need_path(path, key, "MS-COCO's annotations/captions_val2017.json")
     try:
         body = json.loads(p.read_text())
         files = {img["id"]: img["file_name"] for img in body["images"]}
@@ -57,7 +66,7 @@ def coco_captions(path: str | None, n: int) -> list[tuple[str, str]]:
 
 def parti_prompts(path: str | None, n: int) -> list[str]:
     """The first ``n`` prompts of PartiPrompts.tsv (column ``Prompt``)."""
-    p = _need(path, "parti_prompts", "PartiPrompts.tsv (tab-separated, a 'Prompt' column)")
+    p = need_path(path, "evaluate.parti_prompts", "PartiPrompts.tsv (tab-separated, a 'Prompt' column)")
     with open(p, newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
         if "Prompt" not in (reader.fieldnames or []):
@@ -68,7 +77,8 @@ def parti_prompts(path: str | None, n: int) -> list[str]:
 def hpsv2_prompts(path: str | None, n: int) -> list[str]:
     """HPSv2 benchmark prompts: a folder of ``<style>.json`` lists (anime, concept-art, paintings, photo) or one
     list; ``n`` in all, the same share from each style, styles in name order."""
-    p = _need(path, "hpsv2_prompts", "the HPSv2 benchmark prompts (a folder of <style>.json lists, or one list)")
+    p = need_path(path, "evaluate.hpsv2_prompts",
+                  "the HPSv2 benchmark prompts (a folder of <style>.json lists, or one list)")
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
     if not files:
         raise UserError(f"{p}: no .json prompt lists in this folder")
@@ -84,21 +94,25 @@ def hpsv2_prompts(path: str | None, n: int) -> list[str]:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Centre square crop, resized to ``size`` (bicubic), RGB uint8: the reference side of FID."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-        return np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            return np.asarray(im)
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise UserError(f"{path}: not a readable image ({exc})") from None
 
 
 # --------------------------------------------------------------------------- Inception (FID, IS)
 class InceptionFeatures(torch.nn.Module):
-    """The TorchScript FID Inception (``inception-2015-12-05.pt``): uint8 NCHW in, 2048 pool features out."""
+    """The TorchScript FID Inception (``inception-2015-12-05.pt``): uint8 NCHW in, ``num_features`` (2048) pool
+    features out."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, num_features: int):
         super().__init__()
-        self.net = net
+        self.net, self.num_features = net, num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, return_features=True)
@@ -107,13 +121,16 @@ class InceptionFeatures(torch.nn.Module):
         return self.net(x, no_output_bias=True)  # softmax over the 1008 classes (StyleGAN2-ADA's IS setting)
 
 
-def load_inception(path: str | None, device: str) -> InceptionFeatures:
-    p = _need(path, "inception", "the TorchScript FID Inception inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid)")
+@torch.no_grad()
+def load_inception(path: str | None, device: str, key: str = "evaluate.inception") -> InceptionFeatures:
+    p = need_path(path, key, INCEPTION_FILE)
     try:
         net = torch.jit.load(str(p), map_location=device).eval()
     except RuntimeError as exc:
-        raise UserError(f"evaluate.inception: {p} is not a TorchScript file: {exc}") from None
-    return InceptionFeatures(net)
+        raise UserError(f"{key}: {p} is not a TorchScript file: {exc}") from None
+    # one call on the model's device tells the feature width (torchmetrics would probe on the CPU)
+    width = net(torch.zeros(1, 3, 299, 299, dtype=torch.uint8, device=device), return_features=True).shape[-1]
+    return InceptionFeatures(net, int(width))
 
 
 def inception_score(probs: torch.Tensor, splits: int = 10) -> float:
@@ -127,13 +144,38 @@ def inception_score(probs: torch.Tensor, splits: int = 10) -> float:
     return float(np.mean(scores))
 
 
-def _nchw(images: np.ndarray) -> torch.Tensor:
+def nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) uint8, what the FID Inception takes."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+# --------------------------------------------------------------------------- FID from running sums
+def fid_metric(extractor: torch.nn.Module, real: dict[str, np.ndarray] | None = None,
+               device: str = "cpu") -> FrechetInceptionDistance:
+    """torchmetrics' FID (Heusel et al. 2017) on ``extractor``'s features (it has ``num_features``), which keeps
+    per side the count, the feature sum and the sum of outer products (float64) and nothing per image. With
+    ``real`` (``real_sums``' arrays, e.g. from ``data/reference/stats.npz``) the real side starts from those."""
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    if real is not None:
+        if real["sum"].shape != (extractor.num_features,):
+            raise ValueError(f"real-image sums of {real['sum'].shape[0]} features, the extractor gives "
+                             f"{extractor.num_features}")
+        metric.real_features_num_samples = torch.tensor(int(real["count"]), device=device)
+        metric.real_features_sum = torch.from_numpy(real["sum"]).to(device, torch.float64)
+        metric.real_features_cov_sum = torch.from_numpy(real["outer"]).to(device, torch.float64)
+    return metric
+
+
+def real_sums(metric: FrechetInceptionDistance) -> dict[str, np.ndarray]:
+    """The real side of ``metric``: ``count`` (a scalar), ``sum`` (D,) and ``outer`` (D, D), float64 on the CPU."""
+    return {"count": np.array(int(metric.real_features_num_samples)),
+            "sum": metric.real_features_sum.cpu().numpy(), "outer": metric.real_features_cov_sum.cpu().numpy()}
 
 
 @torch.no_grad()
 def feature_fid(extractor: torch.nn.Module, real: np.ndarray, fake: np.ndarray) -> float:
-    """Frechet distance between ``extractor`` features of two (N, H, W, 3) uint8 sets (torchmetrics FID)."""
+    """Frechet distance between ``extractor`` features of two whole (N, H, W, 3) uint8 sets at once (what the
+    streamed scorers must reproduce)."""
     from sd_distill.models.classifier import to_tensor
 
     metric = FrechetInceptionDistance(feature=extractor, normalize=True)
@@ -142,21 +184,44 @@ def feature_fid(extractor: torch.nn.Module, real: np.ndarray, fake: np.ndarray) 
     return float(metric.compute())
 
 
+class Tiles:
+    """The images at prompt positions ``index`` (the grid's), copied out of the batches that pass by."""
+
+    def __init__(self, index: list[int]):
+        self.index, self.kept = list(index), {}
+
+    def add(self, start: int, images: np.ndarray) -> None:
+        for i in self.index:
+            if start <= i < start + len(images):
+                self.kept[i] = images[i - start].copy()  # a copy: a view would keep the whole batch alive
+
+    def images(self) -> np.ndarray:
+        """(len(index), H, W, 3) uint8, in ``index`` order."""
+        return np.stack([self.kept[i] for i in self.index])
+
+
+def _check_complete(seen: int, expected: int) -> None:
+    if seen != expected:
+        raise RuntimeError(f"scored {seen} images, the suite has {expected} prompts")
+
+
 # --------------------------------------------------------------------------- suites
 class DigitSuite:
-    """tiny/smoke: digit prompts, classifier accuracy and FID in the classifier's feature space."""
+    """tiny/smoke: digit prompts, classifier accuracy and FID in the classifier's feature space.
+
+    ``reference`` is a ``stages.reference.Reference``: the real test split's feature sums, checked against this
+    classifier and these prepared data."""
 
     ratio_keys = ("fid", "accuracy")
 
-    def __init__(self, data: Path, p: EvaluateParams, seed: int):
-        from sd_distill.data.shards import read_split
+    def __init__(self, data: Path, reference, p: EvaluateParams, seed: int):
         from sd_distill.data.sources import DIGIT_WORDS
         from sd_distill.models.classifier import DigitClassifier, FeatureExtractor
 
         self.p, self.words = p, DIGIT_WORDS
         self.classifier = DigitClassifier.load(data / "classifier")
         self.extractor = FeatureExtractor(self.classifier)
-        self.test, self.val = read_split(data, "test"), read_split(data, "val")
+        self.real, self.reference = reference.digits(data)
         self.labels = np.repeat(np.arange(10), p.samples_per_prompt)
         self.prompts = [p.prompt_template.format(word=DIGIT_WORDS[d]) for d in self.labels]
         self.seeds = [seed * 1_000_003 + i for i in range(len(self.prompts))]
@@ -165,59 +230,82 @@ class DigitSuite:
         self.grid_index = [(c % 10) * p.samples_per_prompt + c // 10 for c in range(cols)]
         self.data = data
 
-    def fid(self, real: np.ndarray, fake: np.ndarray) -> float:
-        return feature_fid(self.extractor, real, fake)
-
-    def score(self, images: np.ndarray) -> dict:
-        from sd_distill.models.classifier import predict, to_tensor
-
-        correct = predict(self.classifier, to_tensor(images)).numpy() == self.labels
-        return {"accuracy": float(correct.mean()),
-                "accuracy_per_digit": {self.words[d]: float(correct[self.labels == d].mean()) for d in range(10)},
-                "fid": self.fid(self.test.images, images)}
+    def start(self) -> "DigitScorer":
+        return DigitScorer(self)
 
     def context(self) -> dict:
         config = json.loads((self.data / "classifier" / "config.json").read_text())
-        return {"fid_features": "digit-classifier features (penultimate layer)",
+        return {"fid_features": DIGIT_FEATURES,
                 "classifier": {"test_accuracy": config["test_accuracy"]},
-                "reference": {"fid_val_vs_test": self.fid(self.test.images, self.val.images),
-                              "val_images": len(self.val), "test_images": len(self.test)}}
+                "reference": {"fid_val_vs_test": self.reference["fid_val_vs_test"],
+                              "val_images": self.reference["val_images"], "test_images": self.reference["count"]}}
+
+
+class DigitScorer:
+    """One model's images against a ``DigitSuite``: right answers and images per digit, FID's fake-side sums."""
+
+    def __init__(self, suite: DigitSuite):
+        self.suite = suite
+        self.fid = fid_metric(suite.extractor, suite.real)
+        self.right, self.seen = np.zeros(10, np.int64), np.zeros(10, np.int64)
+        self.tiles = Tiles(suite.grid_index)
+
+    @torch.no_grad()
+    def add(self, start: int, images: np.ndarray) -> None:
+        """``images`` (n, H, W, 3) uint8 are those of prompts ``start ... start + n - 1``."""
+        from sd_distill.models.classifier import predict, to_tensor
+
+        labels = self.suite.labels[start:start + len(images)]
+        x = to_tensor(images)
+        np.add.at(self.right, labels, (predict(self.suite.classifier, x).numpy() == labels).astype(np.int64))
+        np.add.at(self.seen, labels, 1)
+        self.fid.update(x, real=False)
+        self.tiles.add(start, images)
+
+    def result(self) -> dict:
+        _check_complete(int(self.seen.sum()), len(self.suite.prompts))
+        return {"accuracy": float(self.right.sum() / self.seen.sum()),
+                "accuracy_per_digit": {self.suite.words[d]: float(self.right[d] / self.seen[d]) for d in range(10)},
+                "fid": float(self.fid.compute())}
+
+    def grid(self) -> np.ndarray:
+        return self.tiles.images()
 
 
 class TextImageSuite:
-    """sd15: COCO / PartiPrompts / HPSv2 prompts; FID and IS (COCO), CLIP score (all sets), HPSv2 (if given)."""
+    """sd15: COCO / PartiPrompts / HPSv2 prompts; FID and IS (COCO), CLIP score (all sets), HPSv2 (if given).
+
+    ``reference`` is a ``stages.reference.Reference``: the COCO images' Inception sums, checked against these
+    images, this Inception file and ``resolution`` (the teacher's output side)."""
 
     ratio_keys = ("fid", "clip_score", "inception_score", "hpsv2")
 
-    def __init__(self, p: EvaluateParams, seed: int, resolution: int, device: str):
+    def __init__(self, p: EvaluateParams, seed: int, resolution: int, device: str, reference):
         if not p.prompt_sets:
             raise UserError("evaluate.prompt_sets is empty; the sd15 evaluation needs at least one of "
                             f"{list(PROMPT_SETS)}")
         self.p, self.device, self.resolution = p, device, resolution
         self.sets: dict[str, list[str]] = {}
-        self.reference: np.ndarray | None = None
+        self.real: dict[str, np.ndarray] | None = None
         for name in p.prompt_sets:
             if name == "coco":
                 pairs = coco_captions(p.coco_captions, p.images_per_set)
-                folder = _need(p.coco_images, "coco_images", "the MS-COCO val2017 images folder")
-                missing = [f for _, f in pairs if not (folder / f).is_file()]
-                if missing:
-                    raise UserError(f"evaluate.coco_images: {len(missing)} caption image(s) missing in {folder}, "
-                                    f"e.g. {missing[0]}")
+                inception = need_path(p.inception, "evaluate.inception", INCEPTION_FILE)
+                self.real, _ = reference.coco([f for _, f in pairs], inception, resolution)
                 self.sets["coco"] = [c for c, _ in pairs]
-                self.reference = np.stack([load_image(folder / f, resolution) for _, f in pairs])
             elif name == "parti":
                 self.sets["parti"] = parti_prompts(p.parti_prompts, p.images_per_set)
             else:
                 self.sets["hpsv2"] = hpsv2_prompts(p.hpsv2_prompts, p.images_per_set)
         self.prompts = [s for prompts in self.sets.values() for s in prompts]
+        starts = np.cumsum([0] + [len(v) for v in self.sets.values()])
+        self.ranges = {name: (int(a), int(b)) for name, a, b in zip(self.sets, starts[:-1], starts[1:])}
         self.seeds = [seed * 1_000_003 + i for i in range(len(self.prompts))]
         self.latency_prompt = self.prompts[0]
         self.grid_index = list(range(min(p.grid_columns, len(self.prompts))))
         self.inception = load_inception(p.inception, device) if "coco" in self.sets else None
         self.clip = self._clip(p.clip_model)
         self.hps = self._hps(p.hpsv2_weights) if p.hpsv2_weights else None
-        self._fid_metric: FrechetInceptionDistance | None = None
 
     def _clip(self, name: str):
         from transformers import CLIPModel, CLIPProcessor
@@ -232,7 +320,7 @@ class TextImageSuite:
         return model.to(self.device).eval(), processor
 
     def _hps(self, weights: str):
-        _need(weights, "hpsv2_weights", "the HPSv2 checkpoint (HPS_v2_compressed.pt)")
+        need_path(weights, "evaluate.hpsv2_weights", "the HPSv2 checkpoint (HPS_v2_compressed.pt)")
         try:
             import hpsv2  # noqa: F401
         except ImportError:
@@ -240,22 +328,12 @@ class TextImageSuite:
                             "(pip install hpsv2); unset it to skip HPSv2") from None
         from hpsv2.img_score import score as hps_score  # HPSv2's own scorer: score(images, prompt, cp=checkpoint)
 
-        return lambda images, prompts: float(np.mean([
-            hps_score([Image.fromarray(im)], pr, cp=weights)[0] for im, pr in zip(images, prompts)]))
-
-    def _fid(self) -> FrechetInceptionDistance:
-        """The FID metric with the reference images' features computed once and kept across models."""
-        if self._fid_metric is None:
-            self._fid_metric = FrechetInceptionDistance(feature=self.inception, reset_real_features=False)
-            self._fid_metric = self._fid_metric.to(self.device)
-            for i in range(0, len(self.reference), self.p.batch_size):
-                self._fid_metric.update(_nchw(self.reference[i:i + self.p.batch_size]).to(self.device), real=True)
-        self._fid_metric.reset()  # drops the previous model's features, keeps the reference's
-        return self._fid_metric
+        return lambda images, prompts: [float(hps_score([Image.fromarray(im)], pr, cp=weights)[0])
+                                        for im, pr in zip(images, prompts)]
 
     @torch.no_grad()
-    def _clip_score(self, images: np.ndarray, prompts: list[str]) -> float:
-        """CLIP score (Hessel et al. 2021, as torchmetrics defines it): 100 * max(cos(image, text), 0), averaged.
+    def clip_scores(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+        """Per image, CLIP score (Hessel et al. 2021, as torchmetrics defines it): 100 * max(cos(image, text), 0).
         Prompts longer than the text encoder's context are truncated."""
         model, processor = self.clip
         context = model.config.text_config.max_position_embeddings
@@ -267,39 +345,68 @@ class TextImageSuite:
             out = model(**{k: v.to(self.device) for k, v in batch.items()})
             img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
             txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
-            scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
-        return float(torch.cat(scores).mean())
+            scores.append((100 * (img * txt).sum(-1)).clamp(min=0).double().cpu())
+        return torch.cat(scores)
+
+    def start(self) -> "TextImageScorer":
+        return TextImageScorer(self)
+
+    def context(self) -> dict:
+        return {"fid_features": f"Inception pool3 ({self.p.inception}), MS-COCO val2017 images as reference",
+                "clip_model": self.p.clip_model, "hpsv2_weights": self.p.hpsv2_weights,
+                "prompt_sets": {k: len(v) for k, v in self.sets.items()}}
+
+
+class TextImageScorer:
+    """One model's images against a ``TextImageSuite``: per set the image count and CLIP / HPSv2 score sums; for
+    COCO FID's fake-side sums and the Inception class probabilities (float32, CPU)."""
+
+    def __init__(self, suite: TextImageSuite):
+        self.suite = suite
+        self.sums = {name: {"images": 0, "clip_score": 0.0, "hpsv2": 0.0} for name in suite.sets}
+        self.fid = fid_metric(suite.inception, suite.real, suite.device) if suite.real is not None else None
+        self.probs: list[torch.Tensor] = []
+        self.tiles = Tiles(suite.grid_index)
 
     @torch.no_grad()
-    def score(self, images: np.ndarray) -> dict:
-        out: dict = {"sets": {}}
-        start = 0
-        for name, prompts in self.sets.items():
-            part = images[start:start + len(prompts)]
-            start += len(prompts)
-            row = {"images": len(part), "clip_score": self._clip_score(part, prompts)}
+    def add(self, start: int, images: np.ndarray) -> None:
+        """``images`` (n, H, W, 3) uint8 are those of prompts ``start ... start + n - 1`` (a batch may span sets)."""
+        s = self.suite
+        for name, (lo, hi) in s.ranges.items():
+            a, b = max(lo, start), min(hi, start + len(images))
+            if a >= b:
+                continue
+            part, prompts, sums = images[a - start:b - start], s.prompts[a:b], self.sums[name]
+            sums["images"] += len(part)
+            sums["clip_score"] += float(s.clip_scores(part, prompts).sum())
             if name == "coco":
-                fid = self._fid()
-                probs = []
-                for i in range(0, len(part), self.p.batch_size):
-                    fake = _nchw(part[i:i + self.p.batch_size]).to(self.device)
-                    fid.update(fake, real=False)
-                    probs.append(self.inception.probabilities(fake).cpu())
-                row["fid"] = float(fid.compute())
-                row["inception_score"] = inception_score(torch.cat(probs))
-            if self.hps is not None:
-                row["hpsv2"] = self.hps(part, prompts)
+                fake = nchw(part).to(s.device)
+                self.fid.update(fake, real=False)
+                self.probs.append(s.inception.probabilities(fake).float().cpu())
+            if s.hps is not None:
+                sums["hpsv2"] += sum(s.hps(part, prompts))
+        self.tiles.add(start, images)
+
+    def result(self) -> dict:
+        _check_complete(sum(v["images"] for v in self.sums.values()), len(self.suite.prompts))
+        out: dict = {"sets": {}}
+        for name, sums in self.sums.items():
+            n = sums["images"]
+            row = {"images": n, "clip_score": sums["clip_score"] / n}
+            if name == "coco":
+                row["fid"] = float(self.fid.compute())
+                row["inception_score"] = inception_score(torch.cat(self.probs))
+            if self.suite.hps is not None:
+                row["hpsv2"] = sums["hpsv2"] / n
             out["sets"][name] = row
         sets = out["sets"]
         # headline figures: FID and IS on COCO (the only set with reference images), CLIP and HPSv2 averaged
         out["fid"] = sets.get("coco", {}).get("fid")
         out["inception_score"] = sets.get("coco", {}).get("inception_score")
         out["clip_score"] = float(np.mean([s["clip_score"] for s in sets.values()]))
-        if self.hps is not None:
+        if self.suite.hps is not None:
             out["hpsv2"] = float(np.mean([s["hpsv2"] for s in sets.values()]))
         return out
 
-    def context(self) -> dict:
-        return {"fid_features": f"Inception pool3 ({self.p.inception}), MS-COCO val2017 images as reference",
-                "clip_model": self.p.clip_model, "hpsv2_weights": self.p.hpsv2_weights,
-                "prompt_sets": {k: len(v) for k, v in self.sets.items()}}
+    def grid(self) -> np.ndarray:
+        return self.tiles.images()

@@ -13,7 +13,8 @@ Three parts, each a function of one ``Session`` (the timer, and every raw sample
    prompts and batch, in alternating runs; and the teacher with DPM-Solver++ at the fewest steps whose FID in
    ``reports/metrics.json`` (the evaluate stage) matches the student's.
 3. ``train``: one optimizer step of a halving round and of the prune stage on synthetic latents, built from those
-   stages' own functions; and a FLOP-based projection of a full sd15-profile run in A100-hours.
+   stages' own functions; and ``sd-distill plan``'s FLOP-based projection of a full sd15-profile run in
+   A100-hours.
 
 Every timing is the median of ``repeats`` timed calls after ``warmup`` untimed ones. CPU: ``time.perf_counter``;
 CUDA: CUDA events, synchronized before they are read. torch is imported lazily: ``cli`` builds its parser from
@@ -169,12 +170,13 @@ def render(result: dict) -> str:
         out += _table(["step", "shapes", "batch", "ms/step", "samples/s"],
                       [[r["name"], r["shapes"], str(r["batch"]), _n(r["ms_per_step"]), _n(r["samples_per_s"])]
                        for r in tr["rows"]])
-        out += [f"Projection of a full sd15-profile run at {pj['resolution']} px ({pj['kind']}): A100 bf16 peak "
-                f"{pj['a100_bf16_peak_tflops']:.0f} TFLOP/s at an assumed MFU of {pj['assumed_mfu']}.", ""]
+        out += [f"Projection of a full sd15-profile run at {pj['resolution']} px (`sd-distill plan`, {pj['kind']}): "
+                f"{pj['gpu']['title']}, bf16 peak {pj['gpu']['peak_tflops']:.0f} TFLOP/s at an assumed MFU of "
+                f"{pj['assumed_mfu']}; `sd-distill plan --profile sd15` adds each stage's GPU memory.", ""]
         out += _table(["stage", "samples", "TFLOP/sample", "A100-hours", "per sample"],
-                      [[r["stage"], str(r["samples"]), _n(r["flops_per_sample"] / 1e12), _n(r["a100_hours"]),
+                      [[r["stage"], str(r["samples"]), _n(r["flops_per_sample"] / 1e12), _n(r["gpu_hours"]),
                         r["flops_per_sample_is"]] for r in pj["rows"]]
-                      + [["total", str(sum(r["samples"] for r in pj["rows"])), "", _n(pj["total_a100_hours"]), ""]])
+                      + [["total", str(sum(r["samples"] for r in pj["rows"])), "", _n(pj["total_gpu_hours"]), ""]])
         published = "; ".join(f"{p['name']}: {_n(p['a100_hours'])} A100-hours" for p in pj["published_a100_hours"])
         out += [f"Not counted: {pj['not_counted']}.", "", f"Published: {published}.", ""]
     return "\n".join(out)

@@ -1,30 +1,24 @@
-"""Part 3 of ``sd-distill bench``: training throughput of a halving round and of the prune stage, and a FLOP-based
-projection of a full sd15-profile run in A100-hours."""
+"""Part 3 of ``sd-distill bench``: training throughput of a halving round and of the prune stage, and the FLOP-based
+projection of a full sd15-profile run in A100-hours (``sd-distill plan``'s)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 
-from sd_distill.bench.timing import NO_PARAMS_FILE, Options, Session, _flops, _torch_dtype, _unet_config, _vae_factor
-
-A100_BF16_TFLOPS = 312.0
-# published training costs, as the issue quotes them
-PUBLISHED_A100_HOURS = (
-    ("BK-SDM (Kim et al. 2023)", 300.0),
-    ("LCM (Luo et al. 2023)", 32.0),
-    ("progressive distillation of SD to 1 step: 108.8 A100-days (as InstaFlow, Liu et al. 2023, quotes it)",
-     108.8 * 24),
-)
+from sd_distill.bench.timing import NO_PARAMS_FILE, Options, Session, _torch_dtype
 
 
 def _train_step(model, loss_of: Callable, draw: Callable, tp, o: Options) -> Callable[[], None]:
     """One optimizer step as ``training.loop.train`` takes it: loss (autocast unless float32), backward, gradient
-    clipping, AdamW, EMA."""
+    clipping, the loop's optimizer, EMA; gradient checkpointing where the stage's params turn it on."""
     import torch
     from diffusers.training_utils import EMAModel
 
-    opt = torch.optim.AdamW(model.parameters(), lr=tp.learning_rate, weight_decay=tp.weight_decay)
+    from sd_distill.training.loop import build_optimizer, gradient_checkpointing
+
+    gradient_checkpointing(model, tp, "bench")
+    opt = build_optimizer(model, tp, "bench")
     ema = EMAModel(model.parameters(), decay=tp.ema_decay) if tp.ema_decay > 0 else None
 
     def step() -> None:
@@ -140,56 +134,9 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
 
 
 def project_sd15(mfu: float) -> dict:
-    """A FLOP-based projection of the sd15 profile's training stages in A100-hours: samples x training FLOPs per
-    sample (forward + backward = 3x forward, plus the frozen teacher's forwards) / (A100 bf16 peak x ``mfu``).
-    Not a measurement: it leaves out data loading, the one-off encoding of the dataset, evaluation and checkpoints."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """``sd-distill plan``'s FLOP-based projection of the sd15 profile's training stages on an A100-80GB at ``mfu``
+    (``plan.plan`` without the memory estimate, which ``sd-distill plan`` adds)."""
+    from sd_distill import plan
+    from sd_distill.params import resolve
 
-    from sd_distill.models import costs
-    from sd_distill.models.parts import build_tiny_autoencoder
-    from sd_distill.params import HALVING_STEPS, resolve
-
-    params = resolve(NO_PARAMS_FILE, profile="sd15")
-    arch = costs.ARCHS["sd15"]
-    resolution = params.prepare.resolution
-    latent = resolution // _vae_factor(arch.vae)
-    variant = params.prune.variant
-    with torch.device("meta"):
-        unet = {key: UNet2DConditionModel.from_config(_unet_config(arch, v, dim)) for key, v, dim in (
-            ("teacher", "none", None), ("guided", "none", params.guidance.embedding_dim),
-            ("pruned", variant, params.guidance.embedding_dim))}
-        f = {key: 2 * costs.unet_macs(u, latent, latent)["macs_total"] for key, u in unet.items()}
-        tiny = build_tiny_autoencoder(arch.vae, params.decoder.arch)
-        f["decoder"] = 2 * costs.decoder_macs(AutoencoderKL.from_config(arch.vae), latent, latent)["macs_total"]
-        f["tiny_decoder"] = 2 * costs.decoder_macs(tiny, latent, latent)["macs_total"]
-        image = torch.zeros(1, 3, resolution, resolution)
-        f["tiny_encoder"] = _flops(lambda: tiny.encode(image))
-    h = params.halve
-    teacher_steps = {n: 2 if h.mode == "progressive" else h.steps_from // n for n in HALVING_STEPS}
-    stages = [  # (stage, train params, FLOPs per sample, what they are)
-        ("vpred", params.vpred.train, 3 * f["teacher"] + (f["teacher"] if params.vpred.targets == "teacher" else 0),
-         "3 x UNet + teacher UNet"),
-        ("guidance", params.guidance.train, 3 * f["guided"] + 2 * f["teacher"],
-         "3 x guided UNet + CFG teacher (2 calls)"),
-        *([("prune", params.prune.train, 3 * f["pruned"] + f["guided"], f"3 x BK {variant} + guided parent")]
-          if variant != "none" else []),
-        *[(f"halve@{n}", h.train_for(n), (3 + teacher_steps[n]) * f["pruned"],
-           f"3 x student + {teacher_steps[n]} teacher steps") for n in HALVING_STEPS],
-        ("decoder", params.decoder.train, f["decoder"] + 3 * (f["tiny_decoder"] + f["tiny_encoder"]),
-         "full decode + 3 x tiny decode and encode"),
-    ]
-    rate = A100_BF16_TFLOPS * 1e12 * mfu
-    rows = []
-    for name, tp, per, what in stages:
-        samples = tp.steps * tp.batch_size * tp.grad_accum
-        rows.append({"stage": name, "steps": tp.steps, "batch": tp.batch_size * tp.grad_accum, "samples": samples,
-                     "flops_per_sample": per, "flops_per_sample_is": what, "flops": samples * per,
-                     "a100_hours": samples * per / rate / 3600})
-    total = sum(r["a100_hours"] for r in rows)
-    return {"kind": "FLOP-based projection, not a measurement", "profile": "sd15", "resolution": resolution,
-            "a100_bf16_peak_tflops": A100_BF16_TFLOPS, "assumed_mfu": mfu, "rows": rows, "total_a100_hours": total,
-            "published_a100_hours": [{"name": n, "a100_hours": v} for n, v in PUBLISHED_A100_HOURS],
-            "not_counted": "the teacher stage (sd15 downloads SD v1.5), the one-off VAE/text encoding of the data, "
-                           "the prune task loss and decoder critic (no extra UNet/VAE call), evaluation"}
-
+    return plan.plan(resolve(NO_PARAMS_FILE, profile="sd15"), "a100-80gb", mfu, with_memory=False)

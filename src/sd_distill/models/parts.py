@@ -24,6 +24,23 @@ def pick_device(base: BaseParams) -> str:
     return base.device
 
 
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frozen(module: torch.nn.Module, device: str, mixed_precision: str) -> torch.nn.Module:
+    """``module`` (in place) for forward passes only: on ``device``, eval mode, no gradients and, under bf16/fp16
+    mixed precision, stored in that dtype, as BK-SDM (src/kd_train_text_to_image.py) and diffusers' training scripts
+    cast their frozen teacher UNet, VAE and text encoder to ``weight_dtype``. Half the memory, and no change to the
+    arithmetic: under autocast its convolutions and matmuls run in that dtype anyway, and its norms in float32."""
+    module = module.to(device).eval().requires_grad_(False)
+    dtype = HALF_PRECISION.get(mixed_precision)
+    if dtype is None or getattr(module, "_keep_in_fp32_modules", None):
+        return module
+    # nn.Module.to, not diffusers' ModelMixin.to: diffusers 0.42 warns on every dtype cast, even with no module to
+    # keep in float32 (checked above)
+    return torch.nn.Module.to(module, dtype)
+
+
 def build_vae(arch: VaeArch) -> AutoencoderKL:
     n = len(arch.block_out_channels)
     return AutoencoderKL(
@@ -61,6 +78,16 @@ def build_tiny_autoencoder(vae_config: dict, arch: DecoderArch) -> AutoencoderTi
         encoder_block_out_channels=(arch.channels,) * stages, decoder_block_out_channels=(arch.channels,) * stages,
         num_encoder_blocks=enc, num_decoder_blocks=dec,
         latent_channels=vae_config["latent_channels"], scaling_factor=1.0,
+    )
+
+
+def patch_discriminator(channels: int) -> torch.nn.Sequential:
+    """The decoder stage's critic: (B, 3, H, W) images in [-1, 1] -> (B, 1, H/4, W/4) realness logits, one per
+    overlapping patch."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, channels, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2),
+        torch.nn.Conv2d(2 * channels, 1, 3, padding=1),
     )
 
 

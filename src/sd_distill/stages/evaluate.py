@@ -5,10 +5,13 @@ DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_steps``, the
 ``steps``, every ``steps-N`` student at N steps, and the assembled student with its tiny decoder and with the
 teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
 classifier accuracy and FID in the classifier's feature space; sd15 scores the COCO / PartiPrompts / HPSv2 prompt
-sets by FID and Inception Score (COCO), CLIP score and HPSv2. Each model also gets UNet calls per image, UNet and
-decoder parameters and MACs (``models.costs``, attention matmuls included), throughput at the evaluation batch,
-and latency: the median time of one image at batch 1 over ``latency_repeats`` runs after ``latency_warmup``
-(CUDA: synchronized, with peak memory).
+sets by FID and Inception Score (COCO), CLIP score and HPSv2. A model's images are scored batch by batch as the
+sampler makes them, against the ``reference`` stage's real-image statistics (``data/reference``, made once and
+checked against the extractor, images and resolution used here): no array of all a model's images exists, only
+running sums and the grid's tiles, so 30,000 images per set need no more memory than 1,000. Each model also gets
+UNet calls per image, UNet and decoder parameters and MACs (``models.costs``, attention matmuls included),
+throughput at the evaluation batch, and latency: the median time of one image at batch 1 over
+``latency_repeats`` runs after ``latency_warmup`` (CUDA: synchronized, with peak memory).
 
 Writes ``reports/metrics.json`` (DVC metrics), ``reports/quality_vs_steps.csv`` and ``reports/pareto.csv`` (DVC
 plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_steps``, the assembled student; columns:
@@ -22,6 +25,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,24 +35,31 @@ from tqdm.auto import tqdm
 
 from sd_distill import report
 from sd_distill.models.costs import describe
-from sd_distill.models.parts import load_pipeline, pick_device, read_config
+from sd_distill.models.parts import load_pipeline, pick_device
 from sd_distill.params import EvaluateParams
 from sd_distill.scoring import DigitSuite, TextImageSuite
 from sd_distill.stages.halve import MODEL_CARD
+from sd_distill.stages.reference import Reference, output_side
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int) -> np.ndarray:
-    """One image per (prompt, seed) through the stock pipeline; returns (N, H, W, 3) uint8."""
-    out = []
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch_size: int,
+           consume: Callable[[int, np.ndarray], None]) -> float:
+    """One image per (prompt, seed) through the stock pipeline, ``batch_size`` at a time: each batch goes to
+    ``consume(start, images)`` ((n, H, W, 3) uint8, the images of prompts ``start ... start + n - 1``) as it is
+    made and is not kept. Returns the seconds spent sampling (``consume``'s time left out)."""
+    seconds = 0.0
     for i in tqdm(range(0, len(prompts), batch_size), desc="sample", unit="batch", disable=None):
+        start = time.perf_counter()
         gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch_size]]
         images = pipe(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens, output_type="np").images
-        out.append((images * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
+        images = (images * 255).round().clip(0, 255).astype(np.uint8)
+        seconds += time.perf_counter() - start
+        consume(i, images)
+    return seconds
 
 
 def grid(images: np.ndarray, rows: int, cols: int, scale: int = 4, gap: int = 1) -> Image.Image:
@@ -105,14 +116,16 @@ def with_solver(pipe, solver: str):
 
 
 def score(pipe, suite, p: EvaluateParams, steps: int, calls: int) -> tuple[dict, np.ndarray]:
-    """The suite's quality figures for ``pipe``'s samples (the same prompts and seeds for every model)."""
-    start = time.perf_counter()
-    images = sample(pipe, suite.prompts, suite.seeds, steps, p.guidance, p.batch_size)
-    seconds = time.perf_counter() - start
-    metrics = suite.score(images)
-    metrics.update({"samples": len(images), "steps": steps, "guidance": p.guidance, "unet_calls_per_image": calls,
-                    "seconds_per_image": seconds / len(images)})
-    return metrics, images
+    """The suite's quality figures for ``pipe``'s samples (the same prompts and seeds for every model), scored
+    batch by batch; returns them and the grid's tiles ((len(suite.grid_index), H, W, 3) uint8), the only images
+    kept."""
+    scorer = suite.start()
+    seconds = sample(pipe, suite.prompts, suite.seeds, steps, p.guidance, p.batch_size, scorer.add)
+    metrics = scorer.result()
+    n = len(suite.prompts)
+    metrics.update({"samples": n, "steps": steps, "guidance": p.guidance, "unet_calls_per_image": calls,
+                    "seconds_per_image": seconds / n})
+    return metrics, scorer.grid()
 
 
 @torch.no_grad()
@@ -193,21 +206,15 @@ def write_csv(path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def output_side(folder) -> int:
-    """The side in pixels that a pipeline folder samples by default: UNet sample_size x the VAE's downsampling."""
-    unet = read_config(folder / "unet" / "config.json")
-    vae = read_config(folder / "vae" / "config.json")
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
 def main(ctx) -> None:
     p: EvaluateParams = ctx.params.evaluate
     seed = ctx.params.base.seed
     device = pick_device(ctx.params.base)
-    if p.suite == "text-image":  # real images for FID at the teacher's own output size
-        suite = TextImageSuite(p, seed, output_side(ctx.inputs["teacher"]), device)
+    real = Reference(ctx.inputs["reference"])
+    if p.suite == "text-image":  # the reference's real images must be at the teacher's own output size
+        suite = TextImageSuite(p, seed, output_side(ctx.inputs["teacher"]), device, real)
     else:
-        suite = DigitSuite(ctx.inputs["data"], p, seed)
+        suite = DigitSuite(ctx.inputs["data"], real, p, seed)
     models: dict[str, dict] = {}
     shown: dict[str, np.ndarray] = {}
     student_steps = None
@@ -220,7 +227,7 @@ def main(ctx) -> None:
         if cand.vae:
             pipe.vae = load_pipeline(ctx.inputs[cand.vae], device).vae
         calls = cand.unet_calls(pipe.unet.config.time_cond_proj_dim is not None, p.guidance)
-        models[cand.name], images = score(pipe, suite, p, cand.steps, calls)
+        models[cand.name], tiles = score(pipe, suite, p, cand.steps, calls)
         cost = describe(pipe.unet, pipe.vae, seq_len=pipe.tokenizer.model_max_length)
         models[cand.name].update({
             "model": cand.model, "solver": cand.solver, "decoder": cost["decoder_class"],
@@ -229,7 +236,7 @@ def main(ctx) -> None:
             "unet_macs_per_image": cost["unet_call"]["macs_total"] * calls})
         models[cand.name].update(latency(pipe, suite.latency_prompt, cand.steps, p.guidance, p))
         if cand.name in in_grid:
-            shown[cand.name] = thumbnails(images[suite.grid_index])
+            shown[cand.name] = thumbnails(tiles)
         log.info("evaluate: %-18s %s  %7.1f ms/image  (%d UNet calls per image)", cand.name,
                  "  ".join(f"{k} {models[cand.name][k]:.3f}" for k in suite.ratio_keys
                            if models[cand.name].get(k) is not None), models[cand.name]["latency_ms"], calls)

@@ -16,8 +16,9 @@ from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
-from sd_distill.models.parts import Needs, load_pipeline, pick_device
+from sd_distill.models.parts import Needs, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, GuidanceParams
+from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
 NEEDS = Needs(stage="guidance", producer="vpred", prediction_type="v_prediction", guidance_input=False,
@@ -45,7 +46,8 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
     T = pipe.scheduler.config.num_train_timesteps
     device = pick_device(base)
-    teacher = pipe.unet.to(device).eval().requires_grad_(False)
+    student = with_guidance_input(pipe.unet, p.embedding_dim)  # copied from the fp32 weights, before the cast
+    teacher = frozen(pipe.unet, device, base.mixed_precision)
     guided = diffusion.cfg(diffusion.unet_denoiser(teacher, schedule, "v_prediction"))
     uncond = latents.uncond
 
@@ -62,10 +64,13 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
         return F.mse_loss(pred.float(), goal.float()), {}
 
-    student = with_guidance_input(teacher, p.embedding_dim)
+    def memory_needed():
+        return memory.unet_stage_memory(student, [teacher, pipe.text_encoder], p.train, base.mixed_precision,
+                                      student.config.sample_size, uncond.shape[0])
+
     student = train(student, loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,
                     mixed_precision=base.mixed_precision, cpu=device == "cpu", name="guidance",
-                    on_metrics=on_metrics).model
+                    on_metrics=on_metrics, memory=memory_needed).model
     pipe.unet = student.cpu()
     return pipe
 

@@ -22,8 +22,10 @@ from diffusers import DDIMScheduler
 
 from sd_distill import diffusion, registry
 from sd_distill.data import latents as latent_data
-from sd_distill.models.parts import ModelError, Needs, check_pipeline, load_pipeline, pick_device, read_config
+from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
+                                    read_config)
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
+from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,9 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
     T = config.num_train_timesteps
     grid = student_timesteps(pipe.scheduler, student_steps)
     device = pick_device(base)
-    teacher_unet = pipe.unet.to(device).eval().requires_grad_(False)
+    student = pipe.unet.__class__.from_config(pipe.unet.config)
+    student.load_state_dict(pipe.unet.state_dict())  # the fp32 weights, before the teacher's cast
+    teacher_unet = frozen(pipe.unet, device, base.mixed_precision)
     teacher = diffusion.unet_denoiser(teacher_unet, schedule, "v_prediction")
     tp = p.train_for(student_steps)
 
@@ -84,11 +88,13 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
         # MSE on v = (1 + SNR)-weighted MSE on x (Salimans & Ho 2022, sec. 4, "SNR+1" weighting)
         return F.mse_loss(pred.float(), goal.float()), {}
 
-    student = pipe.unet.__class__.from_config(pipe.unet.config)
-    student.load_state_dict(teacher_unet.state_dict())
+    def memory_needed():
+        return memory.unet_stage_memory(student, [teacher_unet, pipe.text_encoder], tp, base.mixed_precision,
+                                      student.config.sample_size, latents.uncond.shape[0])
+
     student = train(student.train(), loss_fn, batch_fn, tp, work, seed=base.seed, resume=resume,
                     mixed_precision=base.mixed_precision, cpu=device == "cpu", name=f"halve@{student_steps}",
-                    on_metrics=on_metrics).model
+                    on_metrics=on_metrics, memory=memory_needed).model
     pipe.unet = student.cpu()
     return pipe
 

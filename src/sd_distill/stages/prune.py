@@ -28,8 +28,9 @@ from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
 from sd_distill.errors import UserError
 from sd_distill.models import bk
-from sd_distill.models.parts import Needs, check_pipeline, load_pipeline, pick_device
+from sd_distill.models.parts import Needs, check_pipeline, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, PruneParams
+from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
         raise ValueError("prune: the parent must be the guided (w-conditioned v-prediction) model")
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
     device = pick_device(base)
-    parent = pipe.unet.to(device).eval().requires_grad_(False)
-    student, copy_report = compact_unet(parent, p.variant)
+    student, copy_report = compact_unet(pipe.unet, p.variant)  # copied from the fp32 weights, before the cast
+    parent = frozen(pipe.unet, device, base.mixed_precision)
     log.info("prune: %s keeps %d tensors from the parent, %d start fresh", p.variant, len(copy_report["copied"]),
              len(copy_report["fresh"]))
     pairs = bk.feature_pairs(student, parent, p.variant)
@@ -106,10 +107,14 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
         loss = p.task_weight * task + p.out_kd_weight * out_kd + p.feat_kd_weight * feat_kd
         return loss, {"task": task.item(), "out_kd": out_kd.item(), "feat_kd": feat_kd.item()}
 
+    def memory_needed():
+        return memory.unet_stage_memory(student, [parent, pipe.text_encoder], p.train, base.mixed_precision,
+                                      student.config.sample_size, latents.uncond.shape[0])
+
     try:
         student = train(student.train(), loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,
                         mixed_precision=base.mixed_precision, cpu=device == "cpu", name="prune",
-                        on_metrics=on_metrics).model
+                        on_metrics=on_metrics, memory=memory_needed).model
     finally:
         parent_tap.close()
         student_tap.close()

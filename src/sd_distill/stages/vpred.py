@@ -23,8 +23,9 @@ from diffusers import DDIMScheduler
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
-from sd_distill.models.parts import Needs, load_pipeline, pick_device
+from sd_distill.models.parts import Needs, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, VpredParams
+from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
     schedule = diffusion.Schedule.from_scheduler(scheduler)
     T = scheduler.config.num_train_timesteps
     device = pick_device(base)
-    teacher = None
+    teacher = teacher_unet = None
     if p.targets == "teacher":  # the same betas: the teacher's prediction, re-expressed as v, is the target
-        frozen = copy.deepcopy(pipe.unet).to(device).eval().requires_grad_(False)
-        teacher = diffusion.unet_denoiser(frozen, schedule, pipe.scheduler.config.prediction_type)
+        teacher_unet = frozen(copy.deepcopy(pipe.unet), device, base.mixed_precision)
+        teacher = diffusion.unet_denoiser(teacher_unet, schedule, pipe.scheduler.config.prediction_type)
 
     def batch_fn(step, micro, gen):
         x, cond, _ = latents.draw(step, micro, gen, p.caption_dropout)
@@ -80,10 +81,14 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
         weights = diffusion.min_snr_weight(scheduler.alphas_cumprod, t.cpu(), p.snr_gamma, "v_prediction").to(dev)
         return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
 
+    def memory_needed():
+        return memory.unet_stage_memory(pipe.unet, [teacher_unet, pipe.text_encoder], p.train, base.mixed_precision,
+                                      pipe.unet.config.sample_size, latents.uncond.shape[0])
+
     cpu = device == "cpu"
     pipe.unet = train(pipe.unet.train().requires_grad_(True), loss_fn, batch_fn, p.train, work, seed=base.seed,
                       resume=resume, mixed_precision=base.mixed_precision, cpu=cpu, name="vpred",
-                      on_metrics=on_metrics).model.cpu()
+                      on_metrics=on_metrics, memory=memory_needed).model.cpu()
     pipe.scheduler = scheduler
     return pipe
 

@@ -41,6 +41,7 @@ from sd_distill.errors import Preempted, TrainingFailed, UserError
 from sd_distill.params import TrainParams
 from sd_distill.training import checkpoint as ckpt
 from sd_distill.training.checkpoint import CheckpointMismatch, LoopState, checkpoints
+from sd_distill.training.memory import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 BatchFn = Callable[[int, int, torch.Generator], Any]
 LossFn = Callable[[torch.nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
 MetricsFn = Callable[[dict[str, float], int], None]
+# memory() -> the stage's GPU memory estimate by part, in bytes (``training.memory.estimate``)
+MemoryFn = Callable[[], dict[str, int]]
 
 
 class TrainingDiverged(TrainingFailed):
@@ -137,6 +140,37 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None elsewhere (no estimate is checked on the CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def build_optimizer(model: torch.nn.Module, p: TrainParams, name: str) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters, in torch or, with ``p.optimizer`` ``adamw8bit``, bitsandbytes' 8-bit
+    AdamW (Dettmers et al. 2022): the same update with 8-bit blockwise-quantised moments."""
+    kwargs = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2), eps=p.adam_epsilon,
+                  weight_decay=p.weight_decay)
+    if p.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError(f"{name}: train.optimizer is 'adamw8bit', which needs bitsandbytes, and it is not "
+                            "installed; `pip install bitsandbytes` (CUDA), or set train.optimizer: adamw") from None
+        return bitsandbytes.optim.AdamW8bit(model.parameters(), **kwargs)
+    return torch.optim.AdamW(model.parameters(), amsgrad=p.adam_amsgrad, **kwargs)
+
+
+def gradient_checkpointing(model: torch.nn.Module, p: TrainParams, name: str) -> bool:
+    """Turn on diffusers' gradient checkpointing on ``model`` if ``p`` asks for it; whether it did."""
+    if not p.gradient_checkpointing:
+        return False
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UserError(f"{name}: train.gradient_checkpointing is true, but {type(model).__name__} has no gradient "
+                        "checkpointing (diffusers models: _supports_gradient_checkpointing); set it false")
+    model.enable_gradient_checkpointing()
+    return True
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -150,6 +184,7 @@ def train(
     cpu: bool = True,
     name: str = "train",
     on_metrics: MetricsFn | None = None,
+    memory: MemoryFn | None = None,
 ) -> TrainResult:
     """Run ``p.steps`` optimizer steps of ``loss_fn`` on ``model``; returns it with EMA weights if EMA is on.
 
@@ -158,6 +193,12 @@ def train(
     are removed. A NaN/Inf loss raises ``TrainingDiverged`` before the optimizer step. Out of memory cuts
     every micro-batch in two (then four, ...) pieces whose gradients add up to the same step, down to
     ``p.min_micro_batch`` samples, then raises ``OutOfMemory``.
+
+    Precision: under ``mixed_precision`` bf16/fp16 the accelerator runs the loss under autocast while ``model`` keeps
+    fp32 master weights (accelerate casts no weights). On CUDA, ``memory`` (the stage's ``training.memory`` estimate) is
+    checked against the device before step 1 (``check_fits``); ``p.allow_tf32`` turns on TF32 for float32 matmuls and
+    convolutions; ``p.gradient_checkpointing`` turns on the model's own (diffusers) checkpointing for the run.
+    Attention runs in torch's SDPA: diffusers' ``Attention`` picks ``AttnProcessor2_0`` by default.
     """
     started = time.time()
     workdir = Path(workdir)
@@ -177,6 +218,13 @@ def train(
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if world > 1 else []
     acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, step_scheduler_with_optimizer=False,
                       kwargs_handlers=handlers)
+    if memory is not None and (total := device_memory(acc.device)) is not None:
+        check_fits(name, memory(), total, torch.cuda.get_device_name(acc.device))
+    if p.allow_tf32 and acc.device.type == "cuda":  # as diffusers' and BK-SDM's --allow_tf32 set it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    checkpointing = gradient_checkpointing(model, p, name)
+    optimizer = build_optimizer(model, p, name)  # before any old checkpoint is removed: bitsandbytes may be missing
     local_micro = list(range(acc.process_index, p.grad_accum, world))
     if world > 1:  # the main process decides (the runner sees retries there); all follow it
         resume = bool(broadcast_object_list([resume], from_process=0)[0])
@@ -185,7 +233,6 @@ def train(
     if acc.is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
     scheduler = get_scheduler(p.lr_schedule, optimizer, num_warmup_steps=p.warmup_steps,
                               num_training_steps=p.steps)
     ema = EMAModel(model.parameters(), decay=p.ema_decay) if p.ema_decay > 0 else None
@@ -314,5 +361,7 @@ def train(
     final = acc.unwrap_model(objective).model
     if ema is not None:
         ema.copy_to(final.parameters())
+    if checkpointing:
+        final.disable_gradient_checkpointing()
     final.eval()
     return TrainResult(model=final, losses=state.losses, resumed_from=resumed_from, seconds=time.time() - started)
