@@ -152,17 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher = work / "teacher"
     if not teacher.is_dir():
         sd_shaped_teacher(teacher, args.resolution)
-    rows = []
-    for n in sizes:
-        rows.append(bench_size(work, teacher, n, args.resolution, args.train_steps))
-        print(f"bench-data: N={n:,} done", file=sys.stderr)
     import platform
 
     result = {"side": args.resolution, "machine": f"{os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-              "rows": rows}
+              "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_data.json").write_text(json.dumps(result, indent=2))
-    (args.out / "bench_data.md").write_text(render(result))
+    for n in sizes:  # the files are rewritten after every N, so a run stopped at a large N keeps the smaller ones
+        result["rows"].append(bench_size(work, teacher, n, args.resolution, args.train_steps))
+        (args.out / "bench_data.json").write_text(json.dumps(result, indent=2))
+        (args.out / "bench_data.md").write_text(render(result))
+        print(f"bench-data: N={n:,} done", file=sys.stderr)
     print(render(result))
     return 0
 

@@ -46,15 +46,17 @@ def vae_factor(vae) -> int:
 
 
 @torch.no_grad()
-def encode_samples(vae, tokenizer, text_encoder, images: np.ndarray, captions: list[str], p: EncodeParams) \
-        -> dict[str, np.ndarray]:
-    """(n, H, W, 3) uint8 images and their captions -> one shard's arrays (see ``data.store``)."""
-    posterior = []
-    for i in range(0, len(images), p.batch_size):
-        x = to_model_range(images[i:i + p.batch_size]).to(vae.device, vae.dtype)
-        dist = vae.encode(x).latent_dist
-        posterior.append(torch.stack([dist.mean, dist.std], dim=1).to(torch.float16).cpu())
-    arrays = {"posterior": torch.cat(posterior).numpy(), "ids": tokenize(tokenizer, captions).numpy().astype(np.int32)}
+def encode_images(vae, images: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) uint8 images -> (n, 2, C, h, w) float16: the VAE posterior's mean and std."""
+    x = to_model_range(images).to(vae.device, vae.dtype)
+    dist = vae.encode(x).latent_dist
+    return torch.stack([dist.mean, dist.std], dim=1).to(torch.float16).cpu().numpy()
+
+
+def caption_arrays(tokenizer, text_encoder, captions: list[str], p: EncodeParams) -> dict[str, np.ndarray]:
+    """One shard's caption arrays: token ids, and with ``embeddings: stored`` the distinct captions' embeddings
+    and each sample's row among them (see ``data.store``)."""
+    arrays = {"ids": tokenize(tokenizer, captions).numpy().astype(np.int32)}
     if p.embeddings == "stored":
         prompts = sorted(set(captions))
         row = {c: i for i, c in enumerate(prompts)}
@@ -104,20 +106,35 @@ def finished(work: Path, name: str, key: str, source_sha256: str, hash_files: bo
 
 
 def encode_shard(parts, src: Path, split: str, index: int, p: EncodeParams, work: Path, factor: int, bar) -> dict:
-    """Encode one prepared shard into ``work``; returns its record (files written, sha256, sample count)."""
-    samples = list(iter_shard(src))
-    images = np.stack([s.image for s in samples])
-    h, w = images.shape[1:3]
-    if h % factor or w % factor:
-        raise ResolutionError(f"encode: {src} holds {w}x{h} px images, which the teacher's VAE (one latent per "
-                              f"{factor}x{factor} px) cannot encode; prepare.resolution must be a multiple of {factor}")
-    arrays = encode_samples(parts.vae, parts.tokenizer, parts.text_encoder, images, [s.caption for s in samples], p)
+    """Encode one prepared shard into ``work``, ``p.batch_size`` images at a time as they are read (a shard's
+    pixels are never in memory at once); returns its record (files written, sha256, sample count)."""
+    posterior, captions, batch = [], [], []
+
+    def flush() -> None:
+        posterior.append(encode_images(parts.vae, np.stack(batch)))
+        bar.update(len(batch))
+        batch.clear()
+
+    for sample in iter_shard(src):
+        if not batch and not posterior:  # the first image: can the VAE encode this size at all?
+            h, w = sample.image.shape[:2]
+            if h % factor or w % factor:
+                raise ResolutionError(f"encode: {src} holds {w}x{h} px images, which the teacher's VAE (one latent "
+                                      f"per {factor}x{factor} px) cannot encode; prepare.resolution must be a "
+                                      f"multiple of {factor}")
+        batch.append(sample.image)
+        captions.append(sample.caption)
+        if len(batch) == p.batch_size:
+            flush()
+    if batch:
+        flush()
+    arrays = {"posterior": np.concatenate(posterior),
+              **caption_arrays(parts.tokenizer, parts.text_encoder, captions, p)}
     files = {}
     for array, data in arrays.items():
         name = store.shard_name(split, index, array)
         files[array] = {"file": name, "sha256": store.save_array(work / name, data)}
-    bar.update(len(samples))
-    return {"split": split, "source": src.name, "samples": len(samples), "files": files}
+    return {"split": split, "source": src.name, "samples": len(captions), "files": files}
 
 
 def main(ctx) -> None:
