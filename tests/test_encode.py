@@ -218,3 +218,33 @@ def test_read_ahead_rows_are_the_same_in_a_spawned_worker(project):
     for key, (_, idx, there) in zip(keys, loader):
         _, here_idx, here = rows[key]
         assert torch.equal(idx, here_idx) and all(torch.equal(here[k], there[k]) for k in here)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_prefetch_measures_how_long_the_loop_waited_for_rows(workers, caplog):
+    """Rows that take 50 ms to read: read when asked (0 workers), the loop waits for every batch; read ahead by a
+    worker while the loop computes for 150 ms a step, it waits for none but the first. The bench parses the line."""
+    import logging
+    import time
+
+    from sd_distill.bench.data import WAITED
+    from sd_distill.data.feed import KeyedRows, Prefetch
+
+    def slow(idx):
+        time.sleep(0.05)
+        return {"x": torch.from_numpy(idx)}
+
+    steps = 6
+    prefetch = Prefetch(KeyedRows(slow, 100, 4, seed=0), steps, 1, workers, 2, pin=False, name="probe")
+    for step in range(steps):
+        prefetch.get(step, 0)
+        time.sleep(0.15)
+    with caplog.at_level(logging.INFO, logger="sd_distill.data.feed"):
+        prefetch.finish()
+    first, later = (float(v) for v in WAITED.search(caplog.text).groups())
+    assert prefetch.batches == steps and (first, later) == (round(prefetch.first_wait, 2), round(prefetch.wait, 2))
+    assert first >= 0.05
+    if workers:
+        assert later < 0.05
+    else:
+        assert later >= 0.05 * (steps - 1)

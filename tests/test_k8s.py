@@ -340,7 +340,8 @@ def test_repro_job_script_prepares_a_dvc_project_like_make_run(tmp_path):
     from sd_distill import dvcgen
     assert (project / "dvc.yaml").read_text() == dvcgen.render()
     assert (project / ".git").is_dir() and (project / ".dvc").is_dir()
-    assert (project / "src/sd_distill/params.py").read_bytes() == (ROOT / "src/sd_distill/params.py").read_bytes()
+    presets = "src/sd_distill/params/presets.py"
+    assert (project / presets).read_bytes() == (ROOT / presets).read_bytes()
     assert not list((project / "src").rglob("__pycache__"))
     # DVC sees every stage, and every code dependency exists (none reported deleted)
     assert {s.split("@")[0] for s in status} == {s.name.split("@")[0] for s in registry.STAGES}

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from sd_distill.data import shards
 from sd_distill.data.checks import REASONS
-from sd_distill.data.shards import SPLITS, read_manifest, read_split, sha256_file
+from sd_distill.data.shards import (SPLITS, Sample, ShardWriter, iter_shard, read_manifest, read_split, sample_members,
+                                  sha256_file)
 from sd_distill.data.sources import read_source
 from sd_distill.params import PrepareParams
 from sd_distill.stages import prepare as stage
@@ -467,3 +469,37 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     print(f"peak RSS (after imports): {peaks[300][0]:.1f} MB ({peaks[300][1]:.1f}) at 300 samples, "
           f"{peaks[3000][0]:.1f} MB ({peaks[3000][1]:.1f}) at 3000")
     assert peaks[3000][0] - peaks[300][0] < 6, peaks
+
+
+def noise_shard(folder, samples: int, side: int = 64):
+    """A shard of ``samples`` incompressible ``side`` px PNGs written by ShardWriter; returns its path."""
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(folder, "train", shard_size=samples + 1)
+    for i in range(samples):
+        image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        writer.add(f"s{i:04d}", sample_members(Sample(f"s{i:04d}", image, f"caption {i}", {"i": i})))
+    return folder / writer.close()[0]["file"]
+
+
+def test_a_shard_is_read_one_sample_at_a_time(tmp_path):
+    import tracemalloc
+
+    path = noise_shard(tmp_path, 200)  # 200 x 12 KB of PNG: 2.4 MB
+    tracemalloc.start()
+    seen = [(s.key, s.caption, s.meta["i"], int(s.image[0, 0, 0])) for s in iter_shard(path)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert [k for k, *_ in seen] == [f"s{i:04d}" for i in range(200)]
+    assert [(c, i) for _, c, i, _ in seen] == [(f"caption {i}", i) for i in range(200)]
+    assert path.stat().st_size > 2_400_000 and peak < 600_000  # a few samples' worth, never the shard's
+
+
+def test_a_shard_whose_samples_are_interleaved_is_refused(tmp_path):
+    path = tmp_path / "train-00000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.png", "b.png", "a.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match=r"train-00000.tar: the members of sample 'a' are not consecutive"):
+        list(shards._iter_tar(path))

@@ -8,7 +8,9 @@ an orchestrator runs it, and is measured from outside:
 - seconds and images per second (``prepare`` with 1 and 2 workers, ``encode``);
 - peak resident memory (the largest ``ru_maxrss`` of the stage's processes, DataLoader workers included);
 - for the training stage (``vpred``), the time from process start to its first optimizer step (the loop's
-  ``step 1/`` log line).
+  ``step 1/`` log line), its samples/s from the first to the last step with rows read from ``data/latents`` by
+  DataLoader workers, and the time it waited for them (``Prefetch``'s log line): samples/s with that wait taken out
+  is what the same steps give on latents already in memory, so equal figures mean loading is not the bottleneck.
 
 Writes ``bench_data.json`` (every figure and the machine) and ``bench_data.md`` (the table) to ``--out``.
 """
@@ -29,6 +31,9 @@ from pathlib import Path
 WORDS = ("red", "blue", "green", "old", "small", "large", "bright", "dark", "wooden", "stone", "cat", "dog", "house",
          "tree", "car", "river", "mountain", "street", "boat", "bird", "painting", "photo", "portrait", "city")
 # time.time() and ru_maxrss of a stage run in a child process; printed as one JSON line on stdout
+BATCH = 16  # the training stage's batch
+# data.feed.Prefetch's line at the end of a training stage: seconds waited for the first batch and for the others
+WAITED = re.compile(r"waited ([\d.]+) s for the first \(workers starting\) and ([\d.]+) s for all later ones")
 PROBE = ("import json, resource, subprocess, sys, time; start = time.time(); "
          "rc = subprocess.run(sys.argv[1:]).returncode; "
          "print(json.dumps({'rc': rc, 'start': start, 'end': time.time(), "
@@ -87,10 +92,16 @@ def run_stage(project: Path, stage: str, sets: list[str]) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     proc = subprocess.Popen(  # nosec B603: this Python and the sd-distill beside it, an argument list, no shell
         args, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    first_step = None
-    for line in proc.stderr:  # the loop logs "name: step 1/N ..." after its first optimizer step (log_every 1)
-        if first_step is None and re.search(r": step 1/\d+ ", line):
+    first_step = last_step = waited = None
+    for line in proc.stderr:  # the loop logs "name: step k/N ..." after each optimizer step (log_every 1)
+        step = re.search(r": step (\d+)/(\d+) ", line)
+        if step and step[1] == "1" and first_step is None:
             first_step = time.time()
+        if step and step[1] == step[2]:
+            last_step = time.time()
+        wait = WAITED.search(line)
+        if wait:
+            waited = float(wait[2])
     out = proc.stdout.read()
     proc.wait()
     record = json.loads(out.strip().splitlines()[-1])
@@ -99,7 +110,8 @@ def run_stage(project: Path, stage: str, sets: list[str]) -> dict:
     done = json.loads((project / "checkpoints" / f"{stage}.done.json").read_text())
     return {"seconds": record["end"] - record["start"], "peak_rss_mb": record["peak_rss_kb"] / 1024,
             "first_step_seconds": None if first_step is None else first_step - record["start"],
-            "summary": done.get("summary", {})}
+            "first_to_last_step_seconds": None if last_step is None else last_step - first_step,
+            "data_wait_seconds": waited, "summary": done.get("summary", {})}
 
 
 def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -> dict:
@@ -112,8 +124,8 @@ def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -
                     "max_images": None, "shard_size": 1000, "max_reject_rate": 0.05},
         "teacher": {"source": str(teacher)},
         "encode": {"embeddings": "computed", "batch_size": 64},
-        "vpred": {"train": {"steps": train_steps, "batch_size": 16, "log_every": 1, "checkpoint_every": 1000,
-                            "warmup_steps": 0}}}))
+        "vpred": {"train": {"steps": train_steps, "batch_size": BATCH, "grad_accum": 1, "log_every": 1,
+                            "checkpoint_every": 1000, "warmup_steps": 0}}}))
     row = {"n": n}
     for workers in (1, 2):
         m = run_stage(project, "prepare", [f"prepare.workers={workers}"])
@@ -121,6 +133,10 @@ def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -
     for stage in ("teacher", "encode", "vpred"):
         row[stage] = run_stage(project, stage, [])
     row["encode"]["images_per_second"] = n / row["encode"]["seconds"]
+    v = row["vpred"]
+    samples = (train_steps - 1) * BATCH  # the steps after the first, whose rows the workers read ahead
+    v["samples_per_second"] = samples / v["first_to_last_step_seconds"]
+    v["samples_per_second_without_data_wait"] = samples / (v["first_to_last_step_seconds"] - v["data_wait_seconds"])
     shutil.rmtree(project / "raw")
     return row
 
@@ -128,14 +144,17 @@ def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -
 def render(result: dict) -> str:
     lines = [f"# Data-scale benchmark ({result['side']} px, {result['machine']})", "",
              "| N | prepare img/s (1 worker) | prepare img/s (2 workers) | prepare peak RSS MB | encode img/s | "
-             "encode peak RSS MB | vpred peak RSS MB | vpred s to first step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "encode peak RSS MB | vpred peak RSS MB | vpred s to first step | vpred samples/s (data from disk) | "
+             "vpred samples/s (data wait removed) | vpred s waiting for data |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['n']:,} | {r['prepare_w1']['images_per_second']:.0f} | "
                      f"{r['prepare_w2']['images_per_second']:.0f} | {r['prepare_w1']['peak_rss_mb']:.0f} / "
                      f"{r['prepare_w2']['peak_rss_mb']:.0f} | {r['encode']['images_per_second']:.0f} | "
                      f"{r['encode']['peak_rss_mb']:.0f} | {r['vpred']['peak_rss_mb']:.0f} | "
-                     f"{r['vpred']['first_step_seconds']:.1f} |")
+                     f"{r['vpred']['first_step_seconds']:.1f} | {r['vpred']['samples_per_second']:.1f} | "
+                     f"{r['vpred']['samples_per_second_without_data_wait']:.1f} | "
+                     f"{r['vpred']['data_wait_seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_distill.bench.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000", help="comma list of sample counts N")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--train-steps", type=int, default=3, help="optimizer steps of the training stage")
+    parser.add_argument("--train-steps", type=int, default=20,
+                        help="optimizer steps of the training stage (at least 2: samples/s is timed after the first)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for bench_data.json/.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)

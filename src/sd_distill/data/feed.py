@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -58,16 +59,21 @@ class KeySampler(Sampler):
 class Prefetch:
     """``get(step, micro)`` returns (indices, rows) of that batch, read ahead by ``workers`` DataLoader processes
     (``prefetch`` batches each; 0 workers: read when asked). The first ``get`` starts the workers from its key, so
-    a resumed run reads ahead from where it resumed."""
+    a resumed run reads ahead from where it resumed.
+
+    It keeps how long the loop waited for rows: ``first_wait`` (the first batch: the workers' start and first
+    read) and ``wait`` (every later batch). ``wait`` near 0 means training ran as fast as it would on latents already
+    in memory; ``finish`` logs both."""
 
     def __init__(self, rows: KeyedRows, steps: int, grad_accum: int, workers: int, prefetch: int, pin: bool,
-                 verifier=None):
+                 verifier=None, name: str = "prefetch"):
         world, rank = world_size(), int(os.environ.get("RANK", "0"))
         self.rows, self.steps, self.micros = rows, steps, list(range(rank, grad_accum, world))
         self.workers, self.prefetch, self.pin = workers, prefetch, pin
         self.verifier = verifier  # a store.Verifier hashing the files being read, or None
         self._iter = None
         self._cache: dict[Key, tuple] = {}
+        self.name, self.batches, self.first_wait, self.wait = name, 0, 0.0, 0.0
 
     def _start(self, key: Key) -> None:
         self.close()
@@ -81,6 +87,7 @@ class Prefetch:
             self.verifier.check()
         key = (step, micro)
         if key not in self._cache:
+            started = time.perf_counter()
             newest = max(self._cache, default=None)
             if self._iter is None or (newest is not None and key < newest):
                 self._start(key)  # the first batch, or the loop went back (not done by today's loop)
@@ -92,6 +99,12 @@ class Prefetch:
             if key not in self._cache:
                 raise RuntimeError(f"prefetch: batch {key} not among the rows read ahead (have "
                                    f"{sorted(self._cache)}, training ends at step {self.steps})")
+            waited = time.perf_counter() - started
+            if self.batches:
+                self.wait += waited
+            else:
+                self.first_wait = waited
+            self.batches += 1
         return self._cache[key]
 
     def close(self) -> None:
@@ -103,5 +116,7 @@ class Prefetch:
         """Stop the workers and wait until every file read was verified; raises on a mismatch, so that a stage
         trained on a changed shard publishes nothing."""
         self.close()
+        log.info("%s: %d batches read ahead by %d worker(s); waited %.2f s for the first (workers starting) and "
+                 "%.2f s for all later ones", self.name, self.batches, self.workers, self.first_wait, self.wait)
         if self.verifier is not None:
             self.verifier.wait()

@@ -121,7 +121,8 @@ def from_disk(root: Path, pipe, stage: str, model: str, train: TrainParams, seed
     text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
     uncond = encode_prompts(pipe.tokenizer, text_encoder, [""])[0]
     prefetch = Prefetch(KeyedRows(store.rows, len(store), train.batch_size, seed), train.steps, train.grad_accum,
-                        train.loader_workers, train.prefetch_batches, pin=device == "cuda", verifier=store.verifier)
+                        train.loader_workers, train.prefetch_batches, pin=device == "cuda", verifier=store.verifier,
+                        name=stage)
     log.info("%s: %d encoded samples in %s (caption embeddings %s), %d loader worker(s)", stage, len(store), root,
              store.manifest["embeddings"], train.loader_workers)
 

@@ -140,17 +140,24 @@ def write_split(out: Path, split: str, samples: Iterable[Sample], shard_size: in
 
 
 def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    with tarfile.open(path) as tar:
+    """The samples of a shard as (key, {extension: bytes}), one at a time: a sample's members are consecutive in the
+    shards ``ShardWriter`` writes, so a sample is complete when the next key starts (only one is in memory)."""
+    done: set[str] = set()
+    key, parts = None, {}
+    with tarfile.open(path, mode="r|") as tar:  # a stream: no member list kept, no seeking back
         for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if key not in groups:
-                groups[key] = {}
-                order.append(key)
-            groups[key][ext] = tar.extractfile(member).read()
-    for key in order:
-        yield key, groups[key]
+            name, _, ext = member.name.rpartition(".")
+            if name != key:
+                if key is not None:
+                    done.add(key)
+                    yield key, parts
+                if name in done:
+                    raise ValueError(f"{path}: the members of sample {name!r} are not consecutive; it was not "
+                                     f"written by sd-distill prepare")
+                key, parts = name, {}
+            parts[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, parts
 
 
 def read_manifest(root: Path) -> dict:
@@ -220,7 +227,7 @@ class PreparedImages:
         self.rows = split_rows(self.root, split)
         self._starts = np.cumsum([0] + [r["samples"] for r in self.rows])
         self.size = int(self._starts[-1])
-        self._index: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._index: dict[tuple[int, int], np.ndarray] = {}  # (pid, shard) -> (samples, 2) offsets and sizes
 
     def __len__(self) -> int:
         return self.size
@@ -228,14 +235,15 @@ class PreparedImages:
     def __getstate__(self):
         return {**self.__dict__, "_index": {}}
 
-    def _members(self, s: int) -> list[tuple[int, int]]:
+    def _members(self, s: int) -> np.ndarray:
         key = (os.getpid(), s)
         if key not in self._index:
             path = self.root / self.rows[s]["file"]
             if self.verify:
                 check_shard(path, self.rows[s], self.root)
             with tarfile.open(path) as tar:
-                self._index[key] = [(m.offset_data, m.size) for m in tar if m.name.endswith(".png")]
+                found = [(m.offset_data, m.size) for m in tar if m.name.endswith(".png")]
+                self._index[key] = np.array(found, dtype=np.int64).reshape(-1, 2)  # 16 bytes a sample
             if len(self._index[key]) != self.rows[s]["samples"]:
                 raise ValueError(f"{path}: {len(self._index[key])} images, {self.root / MANIFEST} says "
                                  f"{self.rows[s]['samples']}")
@@ -247,7 +255,7 @@ class PreparedImages:
         which = np.searchsorted(self._starts, idx, side="right") - 1
         out = []
         for i, s in zip(idx, which):
-            offset, size = self._members(int(s))[i - self._starts[s]]
+            offset, size = (int(v) for v in self._members(int(s))[i - self._starts[s]])
             with open(self.root / self.rows[s]["file"], "rb") as f:
                 f.seek(offset)
                 out.append(np.asarray(Image.open(io.BytesIO(f.read(size))).convert("RGB")))

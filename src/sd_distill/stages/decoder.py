@@ -168,9 +168,9 @@ def training_rows(latents: Path, data: Path, vae: AutoencoderKL, p: DecoderParam
         raise LatentsError(f"decoder: {latents} holds {len(store)} train samples, {data} {len(pixels)}; the latents "
                            "were encoded from other prepared data. Rerun `sd-distill run encode`")
 
-    prefetch = Prefetch(KeyedRows(PosteriorsAndPixels(store, pixels), len(store), p.train.batch_size, seed), p.train.steps, p.train.grad_accum,
-                        p.train.loader_workers, p.train.prefetch_batches, pin=vae.device.type == "cuda",
-                        verifier=store.verifier)
+    rows = KeyedRows(PosteriorsAndPixels(store, pixels), len(store), p.train.batch_size, seed)
+    prefetch = Prefetch(rows, p.train.steps, p.train.grad_accum, p.train.loader_workers, p.train.prefetch_batches,
+                        pin=vae.device.type == "cuda", verifier=store.verifier, name="decoder")
     return len(store), prefetch
 
 
