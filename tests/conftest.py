@@ -156,7 +156,8 @@ def rehearsal_job(bg: Background, base: Path):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     changed = bg.sh([BIN / "dvc", "repro"], root, env)
     return {"root": root, "env": env, "first": first, "base": base, "metrics": metrics, "seconds": seconds,
-            "registration": registration, "again": again, "lock_before_again": lock, "lock_after_again": again_lock,
+            "registration": registration, "again": again, "lock_before_again": lock,
+            "lock_after_again": again_lock,
             "changed": changed, "changed_metrics": json.loads((root / "reports" / "metrics.json").read_text())}
 
 
