@@ -86,7 +86,7 @@ def test_every_training_stage_ran_the_sd15_recipe_with_gradient_checkpointing(re
     sized = {"steps", "batch_size", "warmup_steps", "checkpoint_every", "log_every"}
     root = repo["root"]
     for section, folder in (("vpred", "vpred"), ("guidance", "guided"), ("prune", "pruned"), ("halve", "steps-4"),
-                            ("decoder", "decoder")):
+                            ("dmd", "dmd"), ("decoder", "decoder")):
         record = json.loads((root / "models" / folder / "params.resolved.json").read_text())
         assert record["profile"] == "sd15", folder
         train = record[section]["train"]

@@ -39,11 +39,13 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     models = metrics["models"]
     assert set(models) == {"teacher@4", "teacher-dpmpp@2", "teacher-dpmpp@1", "teacher-ddim@2", "teacher-ddim@1",
                            "guided@4", "pruned@4", *[f"steps-{n}@{n}" for n in (32, 16, 8, 4, 2, 1)],
-                           "student@1", "student-vae@1"}
+                           "dmd@1", "student@1", "student-vae@1"}
     assert models["steps-2@2"]["unet_calls_per_image"] == 2 and models["teacher-dpmpp@2"]["unet_calls_per_image"] == 4
     # the compact models are smaller; the student differs from its full-VAE twin only in the decoder
     assert models["pruned@4"]["unet_parameters"] < models["guided@4"]["unet_parameters"]
     assert models["steps-1@1"]["unet_parameters"] == models["pruned@4"]["unet_parameters"]
+    assert models["dmd@1"]["unet_parameters"] == models["steps-1@1"]["unet_parameters"]  # same config, refined
+    assert models["dmd@1"]["unet_calls_per_image"] == 1 and models["dmd@1"]["fid"] != models["steps-1@1"]["fid"]
     assert models["student@1"]["decoder"] == "AutoencoderTiny" and models["student-vae@1"]["decoder"] == "AutoencoderKL"
     assert models["student@1"]["unet_parameters"] == models["student-vae@1"]["unet_parameters"]
     assert models["pruned@4"]["unet_macs_per_call"] < models["guided@4"]["unet_macs_per_call"]
@@ -61,7 +63,8 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     assert np.mean(list(teacher["accuracy_per_digit"].values())) == pytest.approx(teacher["accuracy"])
     assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0
     assert 0.5 < metrics["classifier"]["test_accuracy"] <= 1
-    assert metrics["grid_rows"] == ["teacher@4", "steps-8@8", "steps-4@4", "steps-2@2", "steps-1@1", "student@1"]
+    assert metrics["grid_rows"] == ["teacher@4", "steps-8@8", "steps-4@4", "steps-2@2", "steps-1@1", "dmd@1",
+                                   "student@1"]
 
 
 def test_latency_is_measured_per_model_at_batch_one(evaluated):
@@ -75,7 +78,7 @@ def test_latency_is_measured_per_model_at_batch_one(evaluated):
 
 def test_grid_has_one_labelled_row_per_model_and_the_same_prompts_in_every_row(evaluated):
     picture = Image.open(evaluated / "reports" / "grid.png")
-    tile_rows, tile_cols = 6, 10  # teacher + students at 8, 4, 2, 1 + the assembled student; digits 0-9
+    tile_rows, tile_cols = 7, 10  # teacher + students at 8, 4, 2, 1 + DMD2 + the assembled student; digits 0-9
     body_w, body_h = (tile_cols * 17 - 1) * 4, (tile_rows * 17 - 1) * 4
     assert picture.height == body_h and picture.width > body_w
     pixels = np.asarray(picture)

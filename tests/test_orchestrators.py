@@ -191,7 +191,7 @@ def test_gpus_go_to_training_stages_one_to_sampling_stages_none_to_the_rest(gpus
         else:
             assert n == min(gpus, 1) and program == ["sd-distill"]
     trainers = {s.name for s in registry.STAGES if s.resources.data_parallel}
-    assert trainers == {"teacher", "encode", "vpred", "guidance", "prune", "decoder",
+    assert trainers == {"teacher", "encode", "vpred", "guidance", "prune", "dmd", "decoder",
                         *(s.name for s in registry.STAGES if s.group == "halve")}
 
 

@@ -14,7 +14,7 @@ from sd_distill.models import bk, costs, parts
 from sd_distill.params import HALVING_STEPS, TrainParams, UnetArch, resolve
 from sd_distill.training import memory
 
-SD15_TRAINING_STAGES = ["vpred", "guidance", "prune", *(f"halve@{n}" for n in HALVING_STEPS), "decoder"]
+SD15_TRAINING_STAGES = ["vpred", "guidance", "prune", *(f"halve@{n}" for n in HALVING_STEPS), "dmd", "decoder"]
 SMALL_UNET = UnetArch(block_out_channels=(8, 16, 16), attention_head_dim=4, norm_num_groups=8)
 
 
@@ -125,6 +125,10 @@ def test_the_smoke_plan_is_made_of_its_stages_counted_parts():
                for name, u in (("teacher", teacher), ("pruned", pruned))}
     assert rows["vpred"]["flops_per_sample"] == 4 * forward["teacher"]  # 3 x trained + the teacher's targets
     assert rows["halve@1"]["flops_per_sample"] == 5 * forward["pruned"]  # 3 x student + 2 teacher DDIM steps
+    # smoke's dmd: 4 steps, the generator on 2 (warm-up 1, ratio 2); both terms, real score = CFG teacher, fake = pruned
+    # per step: generator forward + 3 x fake denoising + 2 x 3 critic; on half the steps the generator's backward
+    # (2), the DM calls (2 teacher + 1 fake) and the generator's critic pass (3)
+    assert rows["dmd"]["flops_per_sample"] == 13 * forward["pruned"] + forward["teacher"]
     rate = 19.5e12 * 0.5  # smoke trains in fp32: the A100's fp32 peak
     for r in result["rows"]:
         assert r["samples"] == r["steps"] * r["micro_batch"] * r["grad_accum"]
@@ -146,7 +150,7 @@ def test_sd15_plan_prints_every_training_stage_and_the_total_in_a100_hours(tmp_p
     lines = out.splitlines()
     for stage in SD15_TRAINING_STAGES:
         assert sum(line.startswith(f"| {stage} ") for line in lines) == 2  # the cost table and the memory table
-    assert "| total " in out and "**Total: 206 A100-hours** (a100-80gb)" in out
+    assert "| total " in out and "**Total: 238 A100-hours** (a100-80gb)" in out
     assert "**does not fit**" not in out
     assert "BK-SDM" in out and "300 A100-hours" in out and "DMD2" in out and "1600 A100-hours" in out
 
@@ -157,7 +161,7 @@ def test_sd15_recipe_costs_what_its_steps_and_batches_say():
     assert [r["stage"] for r in result["rows"]] == SD15_TRAINING_STAGES
     assert (rows["prune"]["steps"], rows["prune"]["batch"], rows["prune"]["samples"]) == (50_000, 256, 12_800_000)
     assert [rows[f"halve@{n}"]["steps"] for n in HALVING_STEPS] == [2000, 2000, 5000, 20000, 20000, 20000]
-    assert result["total_gpu_hours"] == pytest.approx(205.6, abs=0.5)
+    assert result["total_gpu_hours"] == pytest.approx(237.6, abs=0.5)
     h100 = plan.plan(resolve(NO_PARAMS_FILE, profile="sd15"), "h100-80gb", 0.4, with_memory=False)
     assert h100["total_gpu_hours"] == pytest.approx(result["total_gpu_hours"] * 312.0 / 989.4)
 

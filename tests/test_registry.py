@@ -15,7 +15,7 @@ def test_registry_invariants_hold():
     registry.check()
     names = [s.name for s in registry.STAGES]
     assert names == ["prepare", "teacher", "encode", "vpred", "guidance", "prune", "halve@32", "halve@16", "halve@8",
-                     "halve@4", "halve@2", "halve@1", "decoder", "assemble", "reference", "evaluate", "register"]
+                     "halve@4", "halve@2", "halve@1", "dmd", "decoder", "assemble", "reference", "evaluate", "register"]
     for s in registry.STAGES:
         assert s.params_section in SECTIONS
 
@@ -35,7 +35,7 @@ def test_stages_json_and_dvc_yaml_list_same_stages_and_edges():
     assert sorted(s["name"] for s in listed["stages"]) == sorted(stages)
     assert sorted(tuple(e) for e in listed["edges"]) == dvc_edges
     for edge in [("prepare", "teacher"), ("teacher", "vpred"), ("vpred", "guidance"), ("guidance", "prune"),
-                 ("prune", "halve@32"), ("halve@2", "halve@1"), ("halve@1", "assemble"), ("teacher", "decoder"),
+                 ("prune", "halve@32"), ("halve@2", "halve@1"), ("halve@1", "assemble"), ("halve@1", "dmd"), ("dmd", "evaluate"), ("teacher", "decoder"),
                  ("decoder", "assemble"), ("assemble", "evaluate"), ("prepare", "reference"), ("teacher", "reference"),
                  ("reference", "evaluate")]:
         assert edge in dvc_edges

@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sd_distill.bench.timing import _flops, peak_tflops
 from sd_distill.errors import UserError
 from sd_distill.models import bk, costs, parts
+from sd_distill.models import critic as critic_lib
 from sd_distill.params import HALVING_STEPS, Params, TrainParams
 from sd_distill.training.memory import (HALF, HEADROOM, _plain, estimate, module_bytes, saved_bytes, tiny_activations,
                                         trained_parameters, unet_activations, unet_stage_memory)
@@ -172,6 +173,7 @@ def _stage_rows(params: Params, m: _Models, f: dict, resolution: int, latent: in
         rows.append(_row(f"halve@{n}", h.train_for(n), (3 + k) * f["pruned"] + f["text"],
                          f"3 x student + {k} teacher steps" + text_is,
                          *unet_mem(m.pruned, frozen(m.pruned) + [m.text], h.train_for(n))))
+    rows.append(_dmd_row(params, m, f, latent, seq, with_memory, frozen))
     mem = None
     if with_memory:
         acts = tiny_activations(m.tiny, resolution, d.arch.channels if m.critic is not None else None, precision)
@@ -180,6 +182,37 @@ def _stage_rows(params: Params, m: _Models, f: dict, resolution: int, latent: in
     rows.append(_row("decoder", d.train, f["vae_decoder"] + 3 * f["tiny"] + 9 * f["critic"],
                      "full decode + 3 x tiny decode and encode" + (" + 3 x 3 critic" if m.critic else ""), mem, None))
     return rows
+
+
+def _dmd_row(params: Params, m: _Models, f: dict, latent: int, seq: int, with_memory: bool, frozen) -> dict:
+    """Stage ``dmd``: per loop step the fake score's denoising and the critic's two passes; on a fraction
+    ``generator_updates / steps`` of the steps also the generator's backward, the real and fake scores' DM calls and
+    the generator's critic pass. A critic pass is counted as a whole fake-score call (it runs the encoder only: an
+    upper bound)."""
+    p, precision = params.dmd, params.base.mixed_precision
+    fake = m.pruned if p.fake_init == "pruned" else m.guided
+    real, real_calls = (m.teacher, 2) if p.real_score == "cfg" else (m.guided, 1)
+    dm, gan = p.objective in ("both", "dm"), p.objective in ("both", "gan")
+    r = p.generator_updates() / p.train.steps
+    g_f, fake_f, real_f = f["pruned"], f["pruned" if p.fake_init == "pruned" else "guided"], f[
+        "teacher" if p.real_score == "cfg" else "guided"]
+    per = ((1 + 2 * r) * g_f + 3 * fake_f + gan * 6 * fake_f + r * (dm * (real_calls * real_f + fake_f)
+                                                                    + gan * 3 * fake_f) + f["text"])
+    what = (f"student (3 x on {r:.0%} of steps) + 3 x fake score" + (" + 2 x 3 critic" if gan else "")
+            + (f" + DM: {real_calls} real + 1 fake" if dm else "") + (" + generator critic pass" if gan else "")
+            + (" + text encoder" if f["text"] else ""))
+    mem = other = None
+    if with_memory:
+        with torch.device("meta"):
+            head = critic_lib.Head(*critic_lib.deepest_geometry(fake.config))
+        ck = p.train.gradient_checkpointing
+        acts = unet_activations(m.pruned.config, latent, seq, ck, precision) + 2 * unet_activations(
+            fake.config, latent, seq, ck, precision)  # the generator's graph, the fake's and the critic's
+        mem = estimate(trained_parameters(m.pruned) + trained_parameters(fake) + trained_parameters(head),
+                       module_bytes(*frozen(real), m.text), p.train, precision, acts)
+        other = unet_activations(m.pruned.config, latent, seq, not ck, precision) + 2 * unet_activations(
+            fake.config, latent, seq, not ck, precision)
+    return _row("dmd", p.train, per, what, mem, other)
 
 
 def plan(params: Params, gpu: str = "a100-80gb", mfu: float = 0.4, *, with_memory: bool = True) -> dict:

@@ -5,6 +5,7 @@ a stage's entry receives them from its record (``ctx.inputs[...]`` / ``ctx.outpu
 The DAG of the whole product (later stages join this table as their issues land)::
 
     prepare -> teacher -> encode -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
+                                                                                   \\-> dmd --------------/
                       \\-> decoder -------------------------------------------------/
                       \\-> reference -----------------------------------------------------------------------/
 """
@@ -129,6 +130,16 @@ STAGES: tuple[Stage, ...] = (
     ),
     *halving_rounds(),
     Stage(
+        name="dmd",
+        entry="sd_distill.stages.dmd:main",
+        doc="DMD2 one-step refinement of steps-1: distribution matching against the CFG teacher plus a diffusion "
+            "GAN on the real latents, with a fake score trained beside it",
+        inputs={"latents": LATENTS, "generator": f"models/steps-{HALVING_STEPS[-1]}", "vpred": "models/vpred",
+                "guided": "models/guided", "pruned": "models/pruned"},
+        outputs={"model": "models/dmd"},
+        resources=TRAIN_STAGE,
+    ),
+    Stage(
         name="decoder",
         entry="sd_distill.stages.decoder:main",
         doc="distill a TAESD-style AutoencoderTiny from the teacher's VAE (beside the UNet branch)",
@@ -162,7 +173,7 @@ STAGES: tuple[Stage, ...] = (
             "grid, Pareto plot and report.md",
         inputs={"data": "data/prepared", "teacher": "models/teacher", "guided": "models/guided",
                 "pruned": "models/pruned", **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS},
-                "student": "models/student", "reference": "data/reference"},
+                "dmd": "models/dmd", "student": "models/student", "reference": "data/reference"},
         metrics={"metrics": "reports/metrics.json"},
         plots={"quality": "reports/quality_vs_steps.csv", "pareto": "reports/pareto.csv",
                "grid": "reports/grid.png", "pareto_plot": "reports/pareto.png"},

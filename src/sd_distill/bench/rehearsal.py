@@ -57,6 +57,7 @@ def overrides(project: Path) -> dict:
         "teacher": {"source": "teacher"},
         "encode": {"batch_size": 16},
         "halve": {"round_steps": {n: REHEARSAL_STEPS for n in HALVING_STEPS}},
+        "dmd": {"fake_warmup": 1},  # one fake-only step, then one that updates the generator (ratio 10 kept)
         "decoder": {"eval_images": 4},
         "evaluate": {"steps": 4, "baseline_steps": [2, 1], "batch_size": 4, "images_per_set": EVAL_PROMPTS,
                      "latency_warmup": 0, "latency_repeats": 1, "grid_columns": 4,
@@ -67,7 +68,7 @@ def overrides(project: Path) -> dict:
                       "coco_captions": str(eval_dir / "coco" / "captions_val2017.json"),
                       "coco_images": str(eval_dir / "coco" / "val2017"), "inception": str(eval_dir / "inception.pt")},
     }
-    for stage in ("vpred", "guidance", "prune", "halve", "decoder"):
+    for stage in ("vpred", "guidance", "prune", "halve", "dmd", "decoder"):
         preset_train = sd15.get(stage, {}).get("train", {})
         sections.setdefault(stage, {})["train"] = _small(preset_train)
     return sections

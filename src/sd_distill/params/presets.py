@@ -30,6 +30,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "halve": {"train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
                   "round_steps": {n: 2 for n in HALVING_STEPS}},
+        "dmd": {"fake_warmup": 1, "update_ratio": 2,
+                "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1}},
         "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1],
                      "latency_repeats": 2},
     },
@@ -102,6 +104,22 @@ PROFILES: dict[str, dict[str, Any]] = {
                       "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "ema_decay": 0.0,
                       "gradient_checkpointing": True, "allow_tf32": True, "checkpoint_every": 1000, "log_every": 50},
             "round_steps": {32: 2000, 16: 2000, 8: 5000, 4: 20000, 2: 20000, 1: 20000},
+        },
+        "dmd": {
+            # DMD2's SD v1.5 recipe (tianweiy/DMD2 experiments/sdv1.5/*.sh, main/train_sd.py; paper F.3): AdamW lr
+            # 1e-5 for generator and fake score alike, betas (0.9, 0.999), weight decay 0.01, constant_with_warmup
+            # over 500 steps, max_grad_norm 10; dfake_gen_update_ratio 10; DM timesteps [20, 980] (min/max_step
+            # 0.02/0.98 of 1000); diffusion-GAN noise over [0, 1000); gen_cls_loss_weight 1e-3, guidance_cls_loss_
+            # weight 1e-2 (the GAN stage). Real guidance: DMD2 trains at a fixed scale 1.75 for FID (w = 0.75); ours
+            # draws w over the w-conditioned student's [2, 14] like the halving rounds. Steps: DMD2 runs 40 k DM
+            # iterations then 5 k with the GAN at batch 2048 from the teacher; starting from the progressive
+            # student we chose 10 k fake updates (1 k generator updates) at BK-SDM's batch 256, no published number.
+            "w_min": 2.0, "w_max": 14.0, "update_ratio": 10, "fake_warmup": 500, "gen_gan_weight": 1e-3,
+            "disc_gan_weight": 1e-2,
+            "train": {"steps": 10000, "batch_size": 64, "grad_accum": 4, "learning_rate": 1e-5,
+                      "lr_schedule": "constant_with_warmup", "warmup_steps": 500, "weight_decay": 1e-2,
+                      "max_grad_norm": 10.0, "ema_decay": 0.0, "gradient_checkpointing": True, "allow_tf32": True,
+                      "checkpoint_every": 1000, "log_every": 50},
         },
         "decoder": {
             # TAESD (madebyollin/taesd#11, the maintainer): Adam(lr 3e-4, betas (0.9, 0.9), amsgrad=True), batch 16,

@@ -312,6 +312,48 @@ class HalveParams(GuidanceRange):
         return self.train.model_copy(update={"steps": self.round_steps.get(steps, self.train.steps)})
 
 
+class DMDParams(GuidanceRange):
+    """One-step refinement of ``models/steps-1`` by distribution matching and a diffusion GAN (DMD2, Yin et al. 2024,
+    as coded in tianweiy/DMD2). One loop step is one update of the fake score and its critic head; the generator
+    updates on every ``update_ratio``-th step after ``fake_warmup`` (DMD2's two time-scale rule)."""
+
+    objective: Literal["both", "dm", "gan"] = Field(
+        "both", description="both: distribution matching + GAN (DMD2); dm: distribution matching only (DMD2's "
+                            "'without GAN' row); gan: the GAN term only (the fake score still learns, as in DMD2)")
+    real_score: Literal["cfg", "guided"] = Field(
+        "cfg", description="cfg: the guidance-free v model (models/vpred) with classifier-free guidance at the "
+                           "generator's w, two calls; guided: the w-input model (models/guided), one call")
+    fake_init: Literal["pruned", "guided"] = Field(
+        "pruned", description="the w-conditioned model the fake score starts from (it also carries the critic)")
+    update_ratio: int = Field(5, ge=1, description="fake-score updates per generator update (DMD2: 10 on SD v1.5, "
+                                                   "5 on SDXL and ImageNet)")
+    fake_warmup: int = Field(50, ge=0, description="fake-score-only steps before the first generator update, so "
+                                                   "the fake tracks the already-guided generator first")
+    dm_weight: float = Field(1.0, ge=0, description="weight of the distribution-matching loss")
+    gen_gan_weight: float = Field(1e-2, ge=0, description="weight of the generator's GAN loss")
+    disc_gan_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss in the fake's update")
+    dm_t_min: int = Field(20, ge=0, description="smallest timestep of the distribution-matching noise (DMD2: 20)")
+    dm_t_max: int = Field(980, ge=0, description="largest timestep of the distribution-matching noise (DMD2: 980)")
+    gan_t_max: int = Field(1000, ge=1, description="GAN noise timesteps are drawn from [0, gan_t_max) for real and "
+                                                   "generated latents alike (DMD2: 1000)")
+    train: TrainParams = TrainParams(steps=300, batch_size=32, learning_rate=1e-4, lr_schedule="constant",
+                                     warmup_steps=0, weight_decay=0.01, max_grad_norm=10.0, ema_decay=0.0,
+                                     checkpoint_every=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DMDParams":
+        if self.dm_t_max < self.dm_t_min:
+            raise ValueError(f"dm_t_max ({self.dm_t_max}) must be >= dm_t_min ({self.dm_t_min})")
+        if self.fake_warmup >= self.train.steps:
+            raise ValueError(f"fake_warmup ({self.fake_warmup}) leaves no generator update in train.steps "
+                             f"({self.train.steps}); lower fake_warmup or raise train.steps")
+        return self
+
+    def generator_updates(self) -> int:
+        """How many of ``train.steps`` also update the generator."""
+        return len(range(self.fake_warmup, self.train.steps, self.update_ratio))
+
+
 class DecoderArch(Section):
     """``diffusers.AutoencoderTiny`` (TAESD) shape: one entry per stage, as many stages as the teacher VAE's."""
 
@@ -444,6 +486,7 @@ SECTIONS: dict[str, type[Section]] = {
     "guidance": GuidanceParams,
     "prune": PruneParams,
     "halve": HalveParams,
+    "dmd": DMDParams,
     "decoder": DecoderParams,
     "assemble": AssembleParams,
     "reference": ReferenceParams,
@@ -467,6 +510,7 @@ class Params(BaseModel):
     guidance: GuidanceParams
     prune: PruneParams
     halve: HalveParams
+    dmd: DMDParams
     decoder: DecoderParams
     assemble: AssembleParams
     reference: ReferenceParams

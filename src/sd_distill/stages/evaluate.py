@@ -2,8 +2,8 @@
 
 Through the stock pipeline, with the same prompts and seeds for every model: the teacher at ``steps`` (CFG,
 DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_steps``, the guided and pruned models at
-``steps``, every ``steps-N`` student at N steps, and the assembled student with its tiny decoder and with the
-teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
+``steps``, every ``steps-N`` student at N steps, the DMD2 one-step model, and the assembled student with its tiny
+decoder and with the teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
 classifier accuracy and FID in the classifier's feature space; sd15 scores the COCO / PartiPrompts / HPSv2 prompt
 sets by FID and Inception Score (COCO), CLIP score and HPSv2. A model's images are scored batch by batch as the
 sampler makes them, against the ``reference`` stage's real-image statistics (``data/reference``, made once and
@@ -89,7 +89,8 @@ class Candidate:
 
 def candidates(p: EvaluateParams, roles: list[str], student_steps: int | None = None) -> list[Candidate]:
     """The teacher at ``p.steps``, the teacher with each baseline solver, the guided and pruned models at
-    ``p.steps``, every ``steps-N`` student, and the assembled student with its tiny decoder and with the VAE."""
+    ``p.steps``, every ``steps-N`` student, the DMD2 one-step model, and the assembled student with its tiny decoder
+    and with the VAE."""
     out = [Candidate(f"teacher@{p.steps}", "teacher", "own", p.steps)]
     out += [Candidate(f"teacher-{solver}@{n}", "teacher", solver, n)
             for solver in p.baseline_solvers for n in p.baseline_steps]
@@ -99,6 +100,8 @@ def candidates(p: EvaluateParams, roles: list[str], student_steps: int | None = 
     for role in sorted((r for r in roles if r.startswith("steps-")), key=lambda r: -int(r.split("-")[1])):
         n = int(role.split("-")[1])
         out.append(Candidate(f"{role}@{n}", role, "own", n))
+    if "dmd" in roles:
+        out.append(Candidate("dmd@1", "dmd", "own", 1))
     if "student" in roles and student_steps:
         out.append(Candidate(f"student@{student_steps}", "student", "own", student_steps))
         out.append(Candidate(f"student-vae@{student_steps}", "student", "own", student_steps, vae="teacher"))
@@ -153,8 +156,9 @@ def latency(pipe, prompt: str, steps: int, guidance: float, p: EvaluateParams) -
 
 
 def grid_rows(p: EvaluateParams, names: list[str], student_steps: int | None) -> list[str]:
-    """Candidates shown in ``grid.png``, top to bottom: the teacher, the students at ``grid_steps``, the product."""
-    wanted = [f"teacher@{p.steps}", *(f"steps-{n}@{n}" for n in p.grid_steps)]
+    """Candidates shown in ``grid.png``, top to bottom: the teacher, the students at ``grid_steps``, the DMD2 model,
+    the product."""
+    wanted = [f"teacher@{p.steps}", *(f"steps-{n}@{n}" for n in p.grid_steps), "dmd@1"]
     if student_steps:
         wanted.append(f"student@{student_steps}")
     return [n for n in wanted if n in names]
