@@ -116,10 +116,14 @@ def test_assembled_student_loads_with_stock_diffusers_and_uses_the_tiny_decoder(
     folder = smoke_project / "models" / "student"
     card = json.loads((folder / "distill.json").read_text())
     assert card["num_inference_steps"] == 1 and card["decoder_class"] == "AutoencoderTiny"
+    # assemble.source auto: the one-step model with the lower validation FID, both figures in the card
+    fids = card["selection"]["fid"]
+    assert set(fids) == {"dmd", "steps-1"} and card["source"] == min(fids, key=fids.get)
+    assert card["selection"]["images"] == 16 and card["selection"]["split"] == "val"
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert isinstance(pipe.vae, AutoencoderTiny)
-    steps1 = StableDiffusionPipeline.from_pretrained(smoke_project / "models" / "steps-1").unet.state_dict()
-    assert all(torch.equal(steps1[k], v) for k, v in pipe.unet.state_dict().items())
+    chosen = StableDiffusionPipeline.from_pretrained(smoke_project / "models" / card["source"]).unet.state_dict()
+    assert all(torch.equal(chosen[k], v) for k, v in pipe.unet.state_dict().items())
     calls = []
     pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     images = pipe(["a handwritten digit three"] * 2, num_inference_steps=1, guidance_scale=7.5, output_type="np",
@@ -127,12 +131,55 @@ def test_assembled_student_loads_with_stock_diffusers_and_uses_the_tiny_decoder(
     assert calls == [2] and images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
+def assemble_inputs(smoke_project, root):
+    for name in ("data/prepared", "models/teacher", "models/decoder", "models/dmd",
+                 *[f"models/steps-{n}" for n in (32, 16, 8, 4, 2, 1)]):
+        shutil.copytree(smoke_project / name, root / name)
+
+
 def test_assemble_refuses_a_guidance_outside_the_trained_range(smoke_project, tmp_path):
-    for name in ("models/teacher", "models/decoder", *[f"models/steps-{n}" for n in (32, 16, 8, 4, 2, 1)]):
-        shutil.copytree(smoke_project / name, tmp_path / name)
+    assemble_inputs(smoke_project, tmp_path)
     with pytest.raises(UserError, match=r"assemble.guidance=12.0 is outside .*\[1.0, 9.0\]"):
-        run_stage("assemble", resolve(write_params(tmp_path, assemble={"guidance": 12.0})), tmp_path)
-    run_stage("assemble", resolve(write_params(tmp_path, assemble={"steps": 4, "decoder": "full"})), tmp_path)
+        run_stage("assemble", resolve(write_params(tmp_path, assemble={"guidance": 12.0, "source": "steps-1"})),
+                  tmp_path)
+    run_stage("assemble", resolve(write_params(tmp_path, assemble={"source": "steps-4", "decoder": "full"})), tmp_path)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models" / "student")
     assert type(pipe.vae).__name__ == "AutoencoderKL"
-    assert json.loads((tmp_path / "models" / "student" / "distill.json").read_text())["num_inference_steps"] == 4
+    card = json.loads((tmp_path / "models" / "student" / "distill.json").read_text())
+    assert card["num_inference_steps"] == 4 and card["source"] == "steps-4"
+    assert card["selection"] == {"by": "assemble.source"}  # named: nothing measured
+
+
+def test_assemble_auto_picks_the_model_with_the_lower_validation_fid(smoke_project, tmp_path):
+    from sd_distill.stages.assemble import choose
+
+    assemble_inputs(smoke_project, tmp_path)
+    p = resolve(write_params(tmp_path)).assemble
+    inputs = {name: tmp_path / path for name, path in
+              (("data", "data/prepared"), ("teacher", "models/teacher"), ("dmd", "models/dmd"),
+               ("steps-1", "models/steps-1"))}
+    first, selection = choose(p, inputs, seed=0, device="cpu")
+    again, repeat = choose(p, inputs, seed=0, device="cpu")
+    assert (again, repeat) == (first, selection)  # fixed seeds: the same figures
+    assert first == min(selection["fid"], key=selection["fid"].get) and selection["images"] == 16
+    # the same UNet in both folders: the same images, an exact tie, broken in dmd's favour
+    shutil.rmtree(tmp_path / "models" / "dmd" / "unet")
+    shutil.copytree(tmp_path / "models" / "steps-1" / "unet", tmp_path / "models" / "dmd" / "unet")
+    tied, equal = choose(p, inputs, seed=0, device="cpu")
+    assert equal["fid"]["dmd"] == equal["fid"]["steps-1"] == selection["fid"]["steps-1"] and tied == "dmd"
+    # change one model (its output layer scaled): only its figure moves, and the lower one wins
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models" / "dmd")
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(3.0)
+    pipe.save_pretrained(tmp_path / "models" / "dmd")
+    chosen, after = choose(p, inputs, seed=0, device="cpu")
+    assert after["fid"]["steps-1"] == selection["fid"]["steps-1"] and after["fid"]["dmd"] != equal["fid"]["dmd"]
+    assert chosen == min(after["fid"], key=after["fid"].get)
+
+
+def test_assemble_source_names_what_it_accepts():
+    from sd_distill.params import AssembleParams
+
+    with pytest.raises(ValueError, match=r"source must be auto, dmd or one of \['steps-32', .*'steps-1'\], "
+                                         r"found 'steps-3'"):
+        AssembleParams(source="steps-3")

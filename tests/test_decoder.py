@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from sd_distill.data.latents import to_model_range
 from sd_distill.data.shards import read_split
+from sd_distill.losses import HingeGAN
 from sd_distill.params import resolve
 from sd_distill.runner import run_stage
-from sd_distill.stages.decoder import evaluate_decoder, hinge_losses
+from sd_distill.stages.decoder import evaluate_decoder
 from tests.conftest import write_params
 
 REPORT_KEYS = {
@@ -142,7 +143,7 @@ def test_hinge_losses_reference_values_and_each_half_trains_only_its_side():
     torch.nn.init.constant_(critic.bias, 0.5)  # D(image of ones) = 0.8, D(zeros) = 0.5 at every pixel
     generator = torch.nn.Parameter(torch.zeros(2, 3, 4, 4))
     real, fake = torch.ones(2, 3, 4, 4), generator * 2
-    d_loss, g_loss = hinge_losses(critic, real, fake)
+    d_loss, g_loss = HingeGAN()(critic, real, fake)
     assert d_loss.item() == pytest.approx(0.2 + 1.5)  # relu(1 - 0.8) + relu(1 + 0.5)
     assert g_loss.item() == pytest.approx(-0.5)  # -D(fake)
     d_loss.backward()

@@ -16,7 +16,7 @@ from sd_distill.errors import UserError
 from sd_distill.models.classifier import DigitClassifier, FeatureExtractor, predict, to_tensor
 from sd_distill.params import EvaluateParams, resolve
 from sd_distill.runner import run_stage
-from sd_distill.scoring import DigitSuite
+from sd_distill.scoring import DigitSuite, pairwise_rms
 from sd_distill.scoring import feature_fid as fid
 from sd_distill.stages.evaluate import grid
 from sd_distill.stages.reference import Reference
@@ -52,17 +52,33 @@ def test_metrics_file_holds_accuracy_per_digit_and_fid(evaluated):
     assert models["student@1"]["decoder_macs"] < models["student-vae@1"]["decoder_macs"]
     assert models["teacher@4"]["unet_macs_per_image"] == 8 * models["teacher@4"]["unet_macs_per_call"]
     assert models["student-vae@1"]["decoder_parameters"] == models["teacher@4"]["decoder_parameters"]
-    # same UNet, scheduler and VAE as steps-1: the same images, so the same scores
-    assert models["student-vae@1"]["fid"] == pytest.approx(models["steps-1@1"]["fid"], rel=1e-4)
-    assert models["student-vae@1"]["accuracy"] == models["steps-1@1"]["accuracy"]
+    # same UNet, scheduler and VAE as the source assemble chose (dmd or steps-1): the same images, the same scores
+    source = metrics["product"]["source"]
+    assert source in ("dmd", "steps-1") and set(metrics["product"]["selection"]["fid"]) == {"dmd", "steps-1"}
+    assert models["student-vae@1"]["fid"] == pytest.approx(models[f"{source}@1"]["fid"], rel=1e-4)
+    assert models["student-vae@1"]["accuracy"] == models[f"{source}@1"]["accuracy"]
     assert models["teacher@4"]["fid_ratio"] == pytest.approx(1.0)
     rows = (evaluated / "reports" / "quality_vs_steps.csv").read_text().splitlines()
-    assert rows[0].split(",")[:4] == ["steps", "student_fid", "student_accuracy", "dpmpp_fid"]
+    assert rows[0].split(",")[:5] == ["steps", "student_fid", "student_accuracy", "student_diversity", "dpmpp_fid"]
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert 0 <= teacher["accuracy"] <= 1 and len(teacher["accuracy_per_digit"]) == 10
     assert np.mean(list(teacher["accuracy_per_digit"].values())) == pytest.approx(teacher["accuracy"])
     assert np.isfinite(teacher["fid"]) and teacher["fid"] > 0
     assert 0.5 < metrics["classifier"]["test_accuracy"] <= 1
+    # diversity per model, read against the teacher's and the real test images'
+    real = metrics["reference"]["diversity"]
+    for m in models.values():
+        assert m["diversity"] == pytest.approx(np.mean(list(m["diversity_per_digit"].values())))
+        assert m["diversity_vs_real"] == pytest.approx(m["diversity"] / real)
+        assert m["diversity_ratio"] == pytest.approx(m["diversity"] / teacher["diversity"])
+    assert teacher["diversity"] > 0 and models["dmd@1"]["diversity"] != models["steps-1@1"]["diversity"]
+    text = (evaluated / "reports" / "report.md").read_text()
+    assert "| diversity |" in text.splitlines()[text.splitlines().index("## All models, same prompts, seeds and "
+                                                                         "guidance") + 2]
+    assert f"the real test images of each digit score {real:.3f}" in text
+    fids = metrics["product"]["selection"]["fid"]
+    assert (f"`models/student` holds the `{source}` UNet: `assemble.source: auto` chose it as the one-step model with "
+            f"the lower FID on 16 validation captions") in text and f"{fids[source]:.3f}, against" in text
     assert metrics["grid_rows"] == ["teacher@4", "steps-8@8", "steps-4@4", "steps-2@2", "steps-1@1", "dmd@1",
                                    "student@1"]
 
@@ -162,6 +178,10 @@ def test_reference_holds_the_test_splits_feature_sums_and_the_val_fid_once(smoke
         assert int(stats["digits_count"]) == len(test)
         np.testing.assert_allclose(stats["digits_sum"], features.sum(0), rtol=1e-6)
         np.testing.assert_allclose(stats["digits_outer"], features.T @ features, rtol=1e-6, atol=1e-9)
+    labels = read_split(data, "test").labels
+    per_digit = [pairwise_rms(torch.from_numpy(features[labels == d])) for d in range(10)]
+    np.testing.assert_allclose(digits["diversity_per_digit"], per_digit, rtol=1e-6)
+    assert digits["diversity"] == pytest.approx(np.mean(per_digit), rel=1e-6) and digits["diversity"] > 0
 
 
 def test_streamed_digit_scores_equal_the_all_at_once_formulas(smoke_project):
@@ -180,6 +200,11 @@ def test_streamed_digit_scores_equal_the_all_at_once_formulas(smoke_project):
     assert streamed["fid"] == pytest.approx(fid(suite.extractor, read_split(data, "test").images, fake), rel=1e-6)
     assert streamed["accuracy"] == right.mean()
     assert streamed["accuracy_per_digit"] == {suite.words[d]: right[suite.labels == d].mean() for d in range(10)}
+    with torch.no_grad():
+        features = suite.extractor(to_tensor(fake))
+    per_digit = {suite.words[d]: pairwise_rms(features[torch.from_numpy(suite.labels == d)]) for d in range(10)}
+    assert streamed["diversity_per_digit"] == pytest.approx(per_digit, rel=1e-6)
+    assert streamed["diversity"] == pytest.approx(np.mean(list(per_digit.values())), rel=1e-6)
     assert np.array_equal(scorer.grid(), fake[suite.grid_index])
 
 

@@ -19,7 +19,8 @@ from sd_distill.errors import UserError
 from sd_distill.models.tokenizer import build_tokenizer
 from sd_distill.params import EvaluateParams, ReferenceParams, resolve
 from sd_distill.runner import run_stage
-from sd_distill.scoring import DigitSuite, TextImageSuite, coco_captions, hpsv2_prompts, inception_score, parti_prompts
+from sd_distill.scoring import (DigitSuite, Spread, TextImageSuite, coco_captions, hpsv2_prompts, inception_score,
+                                pairwise_rms, parti_prompts)
 from sd_distill.stages import reference
 from sd_distill.stages.evaluate import score
 from tests.conftest import write_params
@@ -71,6 +72,34 @@ def test_parti_and_hpsv2_prompts(tmp_path):
 def test_inception_score_is_one_for_uniform_and_k_for_k_distinct_confident_classes():
     assert inception_score(torch.full((8, 5), 0.2), splits=1) == pytest.approx(1.0)
     assert inception_score(torch.eye(4), splits=1) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_pairwise_rms_by_hand():
+    # two points 5 apart: the only pair's distance; three corners of a unit square: sqrt((1 + 1 + 2) / 3)
+    assert pairwise_rms(torch.tensor([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert pairwise_rms(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])) == pytest.approx((4 / 3) ** 0.5)
+
+
+def test_spread_streamed_in_uneven_batches_equals_all_pairs_per_group():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(37, 5, generator=gen) * torch.arange(1, 6)  # anisotropic, different per feature
+    groups = np.random.default_rng(0).integers(0, 3, 37)
+    features[groups == 2] += 100.0  # a far-away group: the running sums must cancel its offset exactly
+    spread = Spread(3, 5)
+    for start in range(0, 37, 8):
+        spread.add(features[start:start + 8], groups[start:start + 8])
+    expected = [pairwise_rms(features[torch.from_numpy(groups == g)]) for g in range(3)]
+    np.testing.assert_allclose(spread.result(), expected, rtol=1e-9)
+    same = Spread(1, 4)
+    same.add(torch.ones(6, 4) * 7.0, np.zeros(6, np.int64))  # one mode only: no diversity
+    assert same.result()[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spread_names_the_groups_with_fewer_than_two_members():
+    spread = Spread(4, 2)
+    spread.add(torch.zeros(3, 2), np.array([0, 0, 2]))
+    with pytest.raises(ValueError, match=r"groups \[1, 2, 3\] have \[0, 1, 0\]"):
+        spread.result()
 
 
 @pytest.fixture(scope="module")

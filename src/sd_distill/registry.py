@@ -5,7 +5,7 @@ a stage's entry receives them from its record (``ctx.inputs[...]`` / ``ctx.outpu
 The DAG of the whole product (later stages join this table as their issues land)::
 
     prepare -> teacher -> encode -> vpred -> guidance -> prune -> halve@32 -> ... -> halve@1 -> assemble -> evaluate -> register
-                                                                                   \\-> dmd --------------/
+                                                                                   \\-> dmd -> assemble, evaluate
                       \\-> decoder -------------------------------------------------/
                       \\-> reference -----------------------------------------------------------------------/
 """
@@ -151,11 +151,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="assemble",
         entry="sd_distill.stages.assemble:main",
-        doc="models/student: the chosen steps-N UNet + tiny decoder + text encoder + DDIM scheduler",
-        inputs={"teacher": "models/teacher", "decoder": "models/decoder",
+        doc="models/student: the chosen UNet (assemble.source; auto: dmd or steps-1, the lower validation FID) + "
+            "tiny decoder + text encoder + DDIM scheduler",
+        inputs={"teacher": "models/teacher", "decoder": "models/decoder", "data": "data/prepared", "dmd": "models/dmd",
                 **{f"steps-{n}": f"models/steps-{n}" for n in HALVING_STEPS}},
         outputs={"model": "models/student"},
-        resources=Resources(cpu="2", memory="8Gi", gpus_sd15=0),
+        resources=MODEL_STAGE,  # auto samples both one-step candidates: a GPU in sd15
     ),
     Stage(
         name="reference",

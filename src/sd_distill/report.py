@@ -37,13 +37,15 @@ class Column:
     right: bool = True
 
 
-QUALITY_KEYS = ("fid", "fid_ratio", "accuracy", "accuracy_ratio", "clip_score", "inception_score")
+QUALITY_KEYS = ("fid", "fid_ratio", "accuracy", "accuracy_ratio", "diversity", "diversity_ratio", "clip_score",
+                "inception_score")
 COLUMNS = (
     Column("name", "model", str, right=False),
     Column("unet_calls_per_image", "UNet calls", lambda v: _num(v, "d")),
     Column("fid", "FID", lambda v: _num(v, ".3f")),
     Column("fid_ratio", "FID / teacher", lambda v: _num(v, ".2f") + ("x" if v is not None else "")),
     Column("accuracy", "accuracy", lambda v: _num(v, ".3f")),
+    Column("diversity", "diversity", lambda v: _num(v, ".3f")),
     Column("clip_score", "CLIP", lambda v: _num(v, ".2f")),
     Column("inception_score", "IS", lambda v: _num(v, ".2f")),
     Column("latency_ms", "ms / image", lambda v: _num(v, ".1f")),
@@ -142,6 +144,21 @@ def markdown_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def product_lines(product: dict) -> list[str]:
+    """Which UNet ``models/student`` holds and why (``assemble.source``; auto: the validation FIDs compared)."""
+    source, selection = product.get("source"), product.get("selection") or {}
+    if not source:
+        return []
+    fids = selection.get("fid")
+    if not fids:
+        return [f"`models/student` holds the `{source}` UNet (named by `assemble.source`).", ""]
+    others = ", ".join(f"`{name}` {value:.3f}" for name, value in fids.items() if name != source)
+    return [f"`models/student` holds the `{source}` UNet: `assemble.source: auto` chose it as the one-step model with "
+            f"the lower FID on {selection['images']} validation captions against their {selection['real_images']} "
+            f"images ({selection['features']}): {fids[source]:.3f}, against {others}. The validation split is "
+            "not the test split the table below is scored on.", ""]
+
+
 def markdown(metrics: dict, pictures: dict[str, str]) -> str:
     """``reports/report.md``: the headline, the full table, the pictures and how to read them."""
     table = rows(metrics)
@@ -158,6 +175,7 @@ def markdown(metrics: dict, pictures: dict[str, str]) -> str:
             + (f" and accuracy {student['accuracy']:.3f} against {teacher['accuracy']:.3f}"
                if student.get("accuracy") is not None else "")
             + ".", ""]
+    lines += product_lines(metrics.get("product") or {})
     lines += ["## All models, same prompts, seeds and guidance", "", markdown_table(table), ""]
     fid_kind = metrics.get("fid_features", "digit-classifier features" if "classifier" in metrics else "Inception")
     lines += [f"FID is computed on {fid_kind} against the real held-out images"
@@ -165,6 +183,12 @@ def markdown(metrics: dict, pictures: dict[str, str]) -> str:
                  if "reference" in metrics else "") + ". Latency is the median wall time of one image at batch 1 "
               f"over repeats after a warm-up on {metrics.get('device', 'the evaluation device')}; "
               "peak memory is measured on CUDA only.", ""]
+    real_diversity = metrics.get("reference", {}).get("diversity")
+    if real_diversity is not None:
+        lines += ["Diversity is the root-mean-square distance between two samples of the same prompt in the same "
+                  "feature space, averaged over the prompts (higher: more varied samples per prompt); the real test "
+                  f"images of each digit score {real_diversity:.3f}. A model can buy a lower FID with fewer modes "
+                  "per prompt: read the two together.", ""]
     baselines = [r for r in table if r["name"].startswith("teacher-")]
     if baselines:
         lines += ["Rows `teacher-dpmpp@N` and `teacher-ddim@N` are what a user would run instead of distilling: "

@@ -10,7 +10,9 @@ stage's statistics (``stages.reference``), made once; a suite asks them for the 
 resolution it uses and gets a clear error if they were made for others.
 
 - ``DigitSuite`` (tiny, smoke): ``samples_per_prompt`` images per digit prompt; classifier accuracy (prompt
-  adherence) and FID in the digit classifier's feature space against the real test split.
+  adherence), FID in the digit classifier's feature space against the real test split, and diversity: per digit
+  prompt, the RMS distance between two of its samples in the same feature space (``Spread``), averaged over the
+  digits and read against the same figure for the real test images of each digit (``diversity_vs_real``).
 - ``TextImageSuite`` (sd15): the prompt sets of the seeds' protocol, ``images_per_set`` each: MS-COCO 2017 val
   captions (first caption per image; FID and Inception Score against the captions' own images), PartiPrompts
   and the HPSv2 benchmark prompts; CLIP score on every set, HPSv2 where its weights are given. Inception is the
@@ -184,6 +186,46 @@ def feature_fid(extractor: torch.nn.Module, real: np.ndarray, fake: np.ndarray) 
     return float(metric.compute())
 
 
+class Spread:
+    """Per group (a digit), how far apart its members are in feature space: the root-mean-square distance
+    between two different members, sqrt(mean_{i != j} |f_i - f_j|^2), from running sums only. For n features
+    of one group, sum_{i != j} |f_i - f_j|^2 = 2 n sum_i |f_i|^2 - 2 |sum_i f_i|^2, so a group keeps its count,
+    its feature sum (D,) and its sum of squared norms (float64): memory does not grow with the images.
+
+    This is the diversity figure next to FID: a generator that collapses onto a few modes per prompt scores low
+    here even when its samples are sharp (DMD-style training can trade one for the other)."""
+
+    def __init__(self, groups: int, dim: int):
+        self.count = np.zeros(groups, np.int64)
+        self.sum = np.zeros((groups, dim), np.float64)
+        self.squares = np.zeros(groups, np.float64)
+
+    def add(self, features: torch.Tensor, groups: np.ndarray) -> None:
+        """``features`` (n, D) of members of ``groups`` (n,) ints in [0, groups)."""
+        f = features.detach().double().cpu().numpy()
+        np.add.at(self.count, groups, 1)
+        np.add.at(self.sum, groups, f)
+        np.add.at(self.squares, groups, (f * f).sum(1))
+
+    def result(self) -> np.ndarray:
+        """(groups,) RMS pairwise distance; a ``ValueError`` naming the groups with fewer than two members."""
+        short = np.flatnonzero(self.count < 2)
+        if len(short):
+            raise ValueError(f"diversity needs at least 2 images per group; groups {short.tolist()} have "
+                             f"{self.count[short].tolist()}")
+        n = self.count.astype(np.float64)
+        mean_square = 2 * (n * self.squares - (self.sum ** 2).sum(1)) / (n * (n - 1))
+        return np.sqrt(np.maximum(mean_square, 0.0))  # cancellation can leave -1e-16 for identical members
+
+
+def pairwise_rms(features: torch.Tensor) -> float:
+    """sqrt(mean_{i != j} |f_i - f_j|^2) of one (n, D) set, all pairs at once (what ``Spread`` must reproduce)."""
+    f = features.double()
+    d2 = torch.cdist(f, f).pow(2)
+    n = len(f)
+    return float((d2.sum() / (n * (n - 1))).sqrt())
+
+
 class Tiles:
     """The images at prompt positions ``index`` (the grid's), copied out of the batches that pass by."""
 
@@ -212,7 +254,7 @@ class DigitSuite:
     ``reference`` is a ``stages.reference.Reference``: the real test split's feature sums, checked against this
     classifier and these prepared data."""
 
-    ratio_keys = ("fid", "accuracy")
+    ratio_keys = ("fid", "accuracy", "diversity")
 
     def __init__(self, data: Path, reference, p: EvaluateParams, seed: int):
         from sd_distill.data.sources import DIGIT_WORDS
@@ -238,7 +280,8 @@ class DigitSuite:
         return {"fid_features": DIGIT_FEATURES,
                 "classifier": {"test_accuracy": config["test_accuracy"]},
                 "reference": {"fid_val_vs_test": self.reference["fid_val_vs_test"],
-                              "val_images": self.reference["val_images"], "test_images": self.reference["count"]}}
+                              "val_images": self.reference["val_images"], "test_images": self.reference["count"],
+                              "diversity": self.reference["diversity"]}}
 
 
 class DigitScorer:
@@ -248,6 +291,7 @@ class DigitScorer:
         self.suite = suite
         self.fid = fid_metric(suite.extractor, suite.real)
         self.right, self.seen = np.zeros(10, np.int64), np.zeros(10, np.int64)
+        self.spread = Spread(10, suite.extractor.num_features)
         self.tiles = Tiles(suite.grid_index)
 
     @torch.no_grad()
@@ -260,13 +304,19 @@ class DigitScorer:
         np.add.at(self.right, labels, (predict(self.suite.classifier, x).numpy() == labels).astype(np.int64))
         np.add.at(self.seen, labels, 1)
         self.fid.update(x, real=False)
+        self.spread.add(self.suite.extractor(x), labels)
         self.tiles.add(start, images)
 
     def result(self) -> dict:
         _check_complete(int(self.seen.sum()), len(self.suite.prompts))
+        spread = self.spread.result()
+        diversity = float(spread.mean())
         return {"accuracy": float(self.right.sum() / self.seen.sum()),
                 "accuracy_per_digit": {self.suite.words[d]: float(self.right[d] / self.seen[d]) for d in range(10)},
-                "fid": float(self.fid.compute())}
+                "fid": float(self.fid.compute()),
+                "diversity": diversity,
+                "diversity_per_digit": {self.suite.words[d]: float(spread[d]) for d in range(10)},
+                "diversity_vs_real": diversity / self.suite.reference["diversity"]}
 
     def grid(self) -> np.ndarray:
         return self.tiles.images()

@@ -59,6 +59,7 @@ def overrides(project: Path) -> dict:
         "halve": {"round_steps": {n: REHEARSAL_STEPS for n in HALVING_STEPS}},
         "dmd": {"fake_warmup": 1},  # one fake-only step, then one that updates the generator (ratio 10 kept)
         "decoder": {"eval_images": 4},
+        "assemble": {"select_images": 4, "batch_size": 4, "inception": str(eval_dir / "inception.pt")},
         "evaluate": {"steps": 4, "baseline_steps": [2, 1], "batch_size": 4, "images_per_set": EVAL_PROMPTS,
                      "latency_warmup": 0, "latency_repeats": 1, "grid_columns": 4,
                      "coco_captions": str(eval_dir / "coco" / "captions_val2017.json"),

@@ -40,11 +40,11 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
     latents; ``shapes`` ``tiny`` (the profile's own batch sizes) or ``sd15`` (SD v1.5 at ``o.resolution``,
     ``batch``)."""
     import torch
-    import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
     from sd_distill import diffusion
     from sd_distill.data.latents import LatentBatches
+    from sd_distill.losses import BKDistillation, Denoising
     from sd_distill.models import bk, costs, parts
     from sd_distill.stages import guidance, halve, prune, vpred
 
@@ -99,8 +99,7 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
     def halve_loss(batch):
         x, cond, ts, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         goal = halve.teacher_target(teacher, z, ts, cond, w, halve.teacher_path(ts, 1, 2, T), schedule)
-        pred = diffusion.unet_denoiser(student, schedule, "v_prediction")(z, ts, cond, w)
-        return F.mse_loss(pred.float(), goal.float())
+        return Denoising()(diffusion.unet_denoiser(student, schedule, "v_prediction")(z, ts, cond, w), goal)
 
     timed("halve", "halve round: 2 teacher DDIM steps + student fwd/bwd", student, halve_loss, grid,
           params.halve, batches["halve"])
@@ -115,14 +114,14 @@ def run_train(session: Session, o: Options, params, shapes: str, batch: int | No
     parent_tap = prune.FeatureTap({theirs: module for _, _, theirs, module in pairs})
     student_tap = prune.FeatureTap({mine: module for mine, module, _, _ in pairs})
 
-    def prune_loss(batch):
+    objective = BKDistillation(p.task_weight, p.out_kd_weight, p.feat_kd_weight)
+
+    def prune_loss(batch):  # the task share adds no model call: left out
         x, cond, ts, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         with torch.no_grad():
             goal = diffusion.unet_denoiser(parent, schedule, "v_prediction")(z, ts, cond, w)
-        pred = diffusion.unet_denoiser(student, schedule, "v_prediction")(z, ts, cond, w).float()
-        feat = sum(F.mse_loss(student_tap.features[mine].float(), parent_tap.features[theirs].float())
-                   for mine, _, theirs, _ in pairs)
-        return p.out_kd_weight * F.mse_loss(pred, goal.float()) + p.feat_kd_weight * feat
+        pred = diffusion.unet_denoiser(student, schedule, "v_prediction")(z, ts, cond, w)
+        return objective(pred, goal, prune.tapped_pairs(student_tap, parent_tap, pairs))[0]
 
     try:
         timed("prune", f"prune ({variant}): parent fwd + student fwd/bwd, feature KD", student, prune_loss,

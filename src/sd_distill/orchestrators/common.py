@@ -82,7 +82,8 @@ def task_name(stage: str) -> str:
 
 
 def uses_gpu(stage: registry.Stage) -> bool:
-    """Stages that train or sample a model get the run's GPUs; prepare and assemble never need one."""
+    """Stages that train or sample a model get the run's GPUs (assemble samples its two one-step candidates); prepare
+    never needs one."""
     return stage.resources.gpus_sd15 > 0
 
 

@@ -32,6 +32,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "round_steps": {n: 2 for n in HALVING_STEPS}},
         "dmd": {"fake_warmup": 1, "update_ratio": 2,
                 "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1}},
+        "assemble": {"select_images": 16, "batch_size": 16},
         "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1],
                      "latency_repeats": 2},
     },
@@ -133,6 +134,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                       "adam_amsgrad": True, "ema_decay": 0.0, "allow_tf32": True, "checkpoint_every": 2000,
                       "log_every": 50},
         },
+        # auto: dmd against steps-1 on 1,000 validation captions (one UNet call each), Inception FID on the val images
+        "assemble": {"select_images": 1000, "batch_size": 16, "inception": "data/eval/inception-2015-12-05.pt"},
         "evaluate": {"suite": "text-image", "batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"],
                      "images_per_set": 1000,
                      "baseline_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,

@@ -387,14 +387,24 @@ class DecoderParams(Section):
 
 
 class AssembleParams(Section):
-    steps: int = Field(1, description="which steps-N student becomes models/student (the sampling steps)")
-    guidance: float = Field(7.5, ge=1, description="default guidance_scale written to the model card")
+    source: str = Field(
+        "auto", description="which model becomes models/student: dmd, steps-N (N a halving round: its N steps), or "
+                            "auto: of the one-step models (dmd, steps-1) the one with the lower FID on the "
+                            "validation split's captions (reports/report.md says which and why)")
+    select_images: int = Field(500, ge=2, description="auto: images per candidate, one per validation caption in "
+                                                      "split order (cycled when the split has fewer)")
+    batch_size: int = Field(125, ge=1, description="auto: images sampled at once")
+    inception: str | None = Field(None, description="auto on data other than digits: the TorchScript FID Inception "
+                                                    "file (inception-2015-12-05.pt); digits use their classifier")
+    guidance: float = Field(7.5, ge=1, description="default guidance_scale written to the model card (and auto's "
+                                                   "sampling guidance)")
     decoder: Literal["tiny", "full"] = Field("tiny", description="tiny: the distilled AutoencoderTiny; full: the VAE")
 
     @model_validator(mode="after")
     def _check(self) -> "AssembleParams":
-        if self.steps not in HALVING_STEPS:
-            raise ValueError(f"steps must be one of the halving rounds {list(HALVING_STEPS)}, found {self.steps}")
+        rounds = [f"steps-{n}" for n in HALVING_STEPS]
+        if self.source not in ("auto", "dmd", *rounds):
+            raise ValueError(f"source must be auto, dmd or one of {rounds}, found {self.source!r}")
         return self
 
 

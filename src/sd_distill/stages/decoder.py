@@ -11,7 +11,7 @@ in [-1, 1], with sf the teacher's scaling factor:
 - encoder: ``encoder_weight`` * MSE(tiny.encode(x), sf * posterior mean of x);
 - adversarial (optional, as SDXS (Song et al. 2024) adds to its decoder distillation): a patch discriminator
   with hinge losses, the full decoder's images as real and the tiny decoder's as fake. The discriminator trains in
-  the same module, optimizer and backward pass as the student (see ``hinge_losses``), so checkpoints and
+  the same module, optimizer and backward pass as the student (see ``losses.HingeGAN``), so checkpoints and
   ``--resume`` hold it too; ``adversarial_weight`` weighs both halves, and the logged ``decoder/loss`` is their sum
   with the MSEs. Only the ``AutoencoderTiny`` is saved.
 
@@ -32,15 +32,14 @@ from pathlib import Path
 import numpy as np
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
-from torch.func import functional_call
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from sd_distill.data.feed import KeyedRows, Prefetch, draw_indices
 from sd_distill.data.latents import encode_images, to_model_range
 from sd_distill.data.shards import PreparedImages, iter_split
 from sd_distill.data.store import LatentsError, LatentStore, check_models
+from sd_distill.losses import DecoderDistillation, HingeGAN
 from sd_distill.models import parts
 from sd_distill.models.parts import pick_device
 from sd_distill.params import BaseParams, DecoderParams
@@ -63,19 +62,6 @@ class TinyWithCritic(torch.nn.Module):
         super().__init__()
         self.tiny = tiny
         self.critic = critic
-
-
-def hinge_losses(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hinge GAN losses (Lim & Ye 2017) in one backward pass: (discriminator loss, generator loss).
-
-    The discriminator loss sees detached images, so it trains only the critic; the generator loss runs the critic
-    with detached weights, so it trains only the generator. The shared loop's one optimizer can then step both
-    (with one learning-rate schedule and one gradient-norm clip over both).
-    """
-    d_loss = F.relu(1 - critic(real.detach())).mean() + F.relu(1 + critic(fake.detach())).mean()
-    frozen = {name: w.detach() for name, w in critic.named_parameters()}
-    g_loss = -functional_call(critic, frozen, (fake,)).mean()
-    return d_loss, g_loss
 
 
 @torch.no_grad()
@@ -197,18 +183,18 @@ def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int, prefetch:
         z = sf * sample + p.latent_noise * torch.randn(sample.shape, generator=gen)
         return to_model_range(rows["pixels"].numpy()), z, sf * mean
 
+    objective, hinge = DecoderDistillation(p.encoder_weight), HingeGAN()
+
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
         x, z, goal_latents = (b.to(dev) for b in batch)
         with torch.no_grad():
             goal = vae.decode(z / sf).sample.float()
         fake = model.tiny.decode(z).sample.float()
-        dec = F.mse_loss(fake, goal)
-        enc = F.mse_loss(model.tiny.encode(x).latents.float(), goal_latents)
-        loss = dec + p.encoder_weight * enc
+        loss, dec, enc = objective(fake, goal, model.tiny.encode(x).latents, goal_latents)
         extra = {"decoder_mse": dec.item(), "encoder_mse": enc.item()}
         if model.critic is not None:
-            d_loss, g_loss = hinge_losses(model.critic, goal, fake)
+            d_loss, g_loss = hinge(model.critic, goal, fake)
             loss = loss + p.adversarial_weight * (g_loss + d_loss)
             extra.update(critic_hinge=d_loss.item(), generator_hinge=g_loss.item())
         return loss, extra

@@ -4,7 +4,8 @@ Through the stock pipeline, with the same prompts and seeds for every model: the
 DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_steps``, the guided and pruned models at
 ``steps``, every ``steps-N`` student at N steps, the DMD2 one-step model, and the assembled student with its tiny
 decoder and with the teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
-classifier accuracy and FID in the classifier's feature space; sd15 scores the COCO / PartiPrompts / HPSv2 prompt
+classifier accuracy, FID and diversity (per prompt, the RMS distance between two samples) in the classifier's
+feature space; sd15 scores the COCO / PartiPrompts / HPSv2 prompt
 sets by FID and Inception Score (COCO), CLIP score and HPSv2. A model's images are scored batch by batch as the
 sampler makes them, against the ``reference`` stage's real-image statistics (``data/reference``, made once and
 checked against the extractor, images and resolution used here): no array of all a model's images exists, only
@@ -221,9 +222,11 @@ def main(ctx) -> None:
         suite = DigitSuite(ctx.inputs["data"], real, p, seed)
     models: dict[str, dict] = {}
     shown: dict[str, np.ndarray] = {}
-    student_steps = None
+    student_steps, product = None, {}
     if "student" in ctx.inputs:
-        student_steps = json.loads((ctx.inputs["student"] / MODEL_CARD).read_text())["num_inference_steps"]
+        card = json.loads((ctx.inputs["student"] / MODEL_CARD).read_text())
+        student_steps = card["num_inference_steps"]
+        product = {"source": card.get("source"), "selection": card.get("selection")}
     todo = candidates(p, list(ctx.inputs), student_steps)
     in_grid = grid_rows(p, [c.name for c in todo], student_steps)
     for cand in tqdm(todo, desc="evaluate", unit="model", disable=None):
@@ -250,7 +253,7 @@ def main(ctx) -> None:
             if m.get(key) is not None and reference.get(key):
                 m[f"{key}_ratio"] = m[key] / reference[key]
     summary = {"profile": ctx.params.profile, "device": device, **suite.context(), "grid_rows": in_grid,
-               "teacher": reference, "models": models}
+               "teacher": reference, "product": product, "models": models}
     ctx.outputs["metrics"].write_text(json.dumps(summary, indent=2) + "\n")
     write_csv(ctx.outputs["quality"], quality_table(models, p, suite.ratio_keys))
     points = report.pareto(report.rows(summary))

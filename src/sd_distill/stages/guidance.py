@@ -11,11 +11,11 @@ teacher's conditional model. Output ``models/guided/``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
+from sd_distill.losses import Denoising
 from sd_distill.models.parts import Needs, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, GuidanceParams
 from sd_distill.training import memory
@@ -62,7 +62,7 @@ def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *
         with torch.no_grad():
             goal = guided(z, t, (cond, uncond.to(dev).expand_as(cond)), w)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
-        return F.mse_loss(pred.float(), goal.float()), {}
+        return Denoising()(pred, goal), {}
 
     def memory_needed():
         return memory.unet_stage_memory(student, [teacher, pipe.text_encoder], p.train, base.mixed_precision,

@@ -17,11 +17,11 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from sd_distill import diffusion, registry
 from sd_distill.data import latents as latent_data
+from sd_distill.losses import Denoising
 from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
                                     read_config)
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
@@ -86,7 +86,7 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
         goal = teacher_target(teacher, z, t, cond, w, teacher_path(t, student_steps, teacher_steps, T), schedule)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
         # MSE on v = (1 + SNR)-weighted MSE on x (Salimans & Ho 2022, sec. 4, "SNR+1" weighting)
-        return F.mse_loss(pred.float(), goal.float()), {}
+        return Denoising()(pred, goal), {}
 
     def memory_needed():
         return memory.unet_stage_memory(student, [teacher_unet, pipe.text_encoder], tp, base.mixed_precision,

@@ -21,12 +21,12 @@ import logging
 import shutil
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
 from sd_distill.errors import UserError
+from sd_distill.losses import BKDistillation
 from sd_distill.models import bk
 from sd_distill.models.parts import Needs, check_pipeline, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, PruneParams
@@ -70,6 +70,11 @@ class FeatureTap:
             h.remove()
 
 
+def tapped_pairs(student: FeatureTap, parent: FeatureTap, pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student feature, parent feature) of each ``bk.feature_pairs`` pair, as the last forward passes left them."""
+    return [(student.features[mine], parent.features[theirs]) for mine, _, theirs, _ in pairs]
+
+
 def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, resume: bool = False,
                     on_metrics: MetricsFn | None = None):
     """Train the ``p.variant`` compact UNet of ``pipe`` (the guided model); returns (pipeline, summary)."""
@@ -93,19 +98,17 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
         w[:n_task] = 0.0  # the task-loss share: the conditional model, whose target the data gives
         return x, cond, t, w, noise
 
+    objective = BKDistillation(p.task_weight, p.out_kd_weight, p.feat_kd_weight)
+
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
         x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         with torch.no_grad():
             goal = diffusion.unet_denoiser(parent, schedule, "v_prediction")(z, t, cond, w)
-        pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w).float()
-        out_kd = F.mse_loss(pred, goal.float())
-        feat_kd = sum(F.mse_loss(student_tap.features[mine].float(), parent_tap.features[theirs].float())
-                      for mine, _, theirs, _ in pairs)
-        task = (F.mse_loss(pred[:n_task], diffusion.target(x, noise, alpha, sigma, "v_prediction")[:n_task].float())
-                if n_task else pred.new_zeros(()))
-        loss = p.task_weight * task + p.out_kd_weight * out_kd + p.feat_kd_weight * feat_kd
-        return loss, {"task": task.item(), "out_kd": out_kd.item(), "feat_kd": feat_kd.item()}
+        pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
+        task = (pred[:n_task], diffusion.target(x, noise, alpha, sigma, "v_prediction")[:n_task]) if n_task else ()
+        loss, terms = objective(pred, goal, tapped_pairs(student_tap, parent_tap, pairs), *task)
+        return loss, {k: v.item() for k, v in terms.items()}
 
     def memory_needed():
         return memory.unet_stage_memory(student, [parent, pipe.text_encoder], p.train, base.mixed_precision,

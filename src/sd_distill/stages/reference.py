@@ -5,7 +5,8 @@ count, the feature sum and the sum of outer products (float64). They depend on n
 them once and ``evaluate`` reads them for every model of every run. Sets (``reference.sets``):
 
 - ``digits`` (tiny, smoke): the prepared test split in the digit classifier's feature space (penultimate layer),
-  and the FID of the val split against it (the floor a model's FID is read against).
+  the FID of the val split against it (the floor a model's FID is read against), and the test images' diversity
+  per digit (``scoring.Spread``: RMS distance between two images of one digit), what a model's is read against.
 - ``coco`` (sd15): the first ``reference.images`` MS-COCO val2017 images by id (the images of evaluate's COCO
   prompts), centre-cropped and resized to the teacher's output side, through the TorchScript FID Inception.
 
@@ -22,7 +23,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +33,12 @@ from sd_distill.data.shards import iter_split, read_manifest, sha256_file, split
 from sd_distill.errors import UserError
 from sd_distill.models.parts import pick_device, read_config
 from sd_distill.params import ReferenceParams
-from sd_distill.scoring import (DIGIT_FEATURES, INCEPTION_FILE, coco_captions, fid_metric, load_image, load_inception,
-                                need_path, nchw, real_sums)
+from sd_distill.scoring import (DIGIT_FEATURES, INCEPTION_FILE, Spread, coco_captions, fid_metric, load_image,
+                                load_inception, need_path, nchw, real_sums)
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: digits carry the test images' diversity per digit
+T = TypeVar("T")
 STATS, MANIFEST = "stats.npz", "manifest.json"
 CLASSIFIER_WEIGHTS = "classifier/model.safetensors"  # in the prepared data (tiny, smoke)
 # where evaluate's side of each checked field comes from, for the error line
@@ -72,16 +74,16 @@ def coco_record(files: list[str], inception: Path, resolution: int) -> dict:
             "files_sha256": _digest(files)}
 
 
-def batches(images: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 images -> (<= size, H, W, 3) stacks, in order; one stack in memory at a time."""
-    batch = []
-    for image in images:
-        batch.append(image)
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Items (images, samples) -> lists of at most ``size``, in order; one list in memory at a time."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
-            yield np.stack(batch)
+            yield batch
             batch = []
     if batch:
-        yield np.stack(batch)
+        yield batch
 
 
 @torch.no_grad()
@@ -94,17 +96,32 @@ def digit_statistics(data: Path, batch_size: int) -> tuple[dict[str, np.ndarray]
                         "prepare.source digits writes; for other data set reference.sets: [coco] (sd15)")
     extractor = FeatureExtractor(DigitClassifier.load(data / "classifier"))
     metric = fid_metric(extractor)
+    spread = Spread(10, extractor.num_features)  # the test images' diversity per digit, what evaluate's is read against
     for split, real in (("test", True), ("val", False)):
         bar = tqdm(total=sum(r["samples"] for r in split_rows(data, split)), desc=f"reference digits {split}",
                    unit="img", disable=None)
-        for batch in batches((s.image for s in iter_split(data, split)), batch_size):
-            metric.update(to_tensor(batch), real=real)
+        for batch in batches(iter_split(data, split), batch_size):
+            x = to_tensor(np.stack([s.image for s in batch]))
+            metric.update(x, real=real)
+            if real:
+                spread.add(extractor(x), np.array([digit_label(s) for s in batch]))
             bar.update(len(batch))
         bar.close()
+    per_digit = spread.result()
     info = {"extractor": DIGIT_FEATURES, "extractor_file": CLASSIFIER_WEIGHTS, **digits_record(data),
             "count": int(metric.real_features_num_samples), "features": extractor.num_features,
-            "val_images": int(metric.fake_features_num_samples), "fid_val_vs_test": float(metric.compute())}
+            "val_images": int(metric.fake_features_num_samples), "fid_val_vs_test": float(metric.compute()),
+            "diversity": float(per_digit.mean()), "diversity_per_digit": [float(v) for v in per_digit]}
     return real_sums(metric), info
+
+
+def digit_label(sample) -> int:
+    """A prepared digit's label (``meta['label']``, written by ``prepare.source: digits``)."""
+    label = sample.meta.get("label")
+    if not isinstance(label, int) or not 0 <= label <= 9:
+        raise UserError(f"prepared sample {sample.key!r}: meta 'label' must be a digit 0-9, found {label!r}; the "
+                        "digits reference needs data made by prepare.source: digits")
+    return label
 
 
 @torch.no_grad()
@@ -122,7 +139,7 @@ def coco_statistics(p: ReferenceParams, resolution: int, device: str) -> tuple[d
     metric = fid_metric(inception, device=device)
     bar = tqdm(total=len(files), desc="reference coco", unit="img", disable=None)
     for batch in batches((load_image(folder / f, resolution) for f in files), p.batch_size):
-        metric.update(nchw(batch).to(device), real=True)
+        metric.update(nchw(np.stack(batch)).to(device), real=True)
         bar.update(len(batch))
     bar.close()
     info = {"extractor": f"Inception pool3 ({inception_file.name})", "extractor_file": str(inception_file),

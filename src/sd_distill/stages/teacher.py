@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sd_distill import diffusion
 from sd_distill.data.latents import encode_images, in_memory, to_model_range
 from sd_distill.data.shards import Split, read_split
-from sd_distill.diffusion import Schedule, min_snr_weight
+from sd_distill.diffusion import Schedule
+from sd_distill.losses import MinSNRDenoising, VAELoss
 from sd_distill.models import parts
 from sd_distill.models.parts import pick_device
 from sd_distill.models.tokenizer import build_tokenizer
@@ -47,13 +47,14 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
     def vae_batch(step, micro, gen):
         return images[torch.randint(0, n, (p.vae_train.batch_size,), generator=gen)]
 
+    vae_objective = VAELoss(p.kl_weight)
+
     def vae_loss(model, x, gen):
         x = x.to(next(model.parameters()).device)
         posterior = model.encode(x).latent_dist
         recon = model.decode(posterior.sample(generator=None if x.is_cuda else gen)).sample
-        mse = F.mse_loss(recon.float(), x)
-        kl = posterior.kl().mean()
-        return mse + p.kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+        loss, mse, kl = vae_objective(recon, x, posterior)
+        return loss, {"mse": mse.item(), "kl": kl.item()}
 
     vae = train(vae, vae_loss, vae_batch, p.vae_train, work / "vae", seed=seed, resume=resume,
                 mixed_precision=base.mixed_precision, cpu=cpu, name="vae", on_metrics=on_metrics).model
@@ -71,6 +72,7 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
                             cross_attention_dim=p.text_encoder.hidden_size)
     noise_scheduler = parts.build_noise_scheduler(p)
     schedule = Schedule.from_scheduler(noise_scheduler)
+    objective = MinSNRDenoising(noise_scheduler.alphas_cumprod, p.snr_gamma, p.prediction_type)
 
     def unet_batch(step, micro, gen):
         x, cond, _ = latents.draw(step, micro, gen, p.caption_dropout)
@@ -82,10 +84,8 @@ def train_teacher(data: Split, p: TeacherParams, base: BaseParams, work: Path, *
         x, cond, t, noise = (b.to(dev) for b in batch)
         alpha, sigma = (a.to(dev) for a in schedule.alpha_sigma(t))
         pred = model(alpha * x + sigma * noise, t, encoder_hidden_states=cond).sample
-        goal = diffusion.target(x, noise, alpha, sigma, p.prediction_type)
-        per_sample = F.mse_loss(pred.float(), goal, reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weight(noise_scheduler.alphas_cumprod, t.cpu(), p.snr_gamma, p.prediction_type).to(dev)
-        return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
+        loss, mse = objective(pred, diffusion.target(x, noise, alpha, sigma, p.prediction_type), t)
+        return loss, {"mse": mse.item()}
 
     unet = train(unet, unet_loss, unet_batch, p.unet_train, work / "unet", seed=seed, resume=resume,
                  mixed_precision=base.mixed_precision, cpu=cpu, name="unet", on_metrics=on_metrics).model

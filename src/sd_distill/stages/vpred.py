@@ -18,11 +18,11 @@ import copy
 import logging
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
+from sd_distill.losses import MinSNRDenoising
 from sd_distill.models.parts import Needs, frozen, load_pipeline, pick_device
 from sd_distill.params import BaseParams, VpredParams
 from sd_distill.training import memory
@@ -66,6 +66,8 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
         t = torch.randint(0, T, (len(x),), generator=gen)
         return x, cond, t, torch.randn(x.shape, generator=gen)
 
+    objective = MinSNRDenoising(scheduler.alphas_cumprod, p.snr_gamma, "v_prediction")
+
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
         x, cond, t, noise = (b.to(dev) for b in batch)
@@ -76,10 +78,8 @@ def to_vpred(pipe, latents, p: VpredParams, base: BaseParams, work, *, resume: b
         else:
             with torch.no_grad():
                 v = teacher(z, t, cond, None)
-        pred = model(z, t, encoder_hidden_states=cond).sample
-        per_sample = F.mse_loss(pred.float(), v, reduction="none").mean(dim=(1, 2, 3))
-        weights = diffusion.min_snr_weight(scheduler.alphas_cumprod, t.cpu(), p.snr_gamma, "v_prediction").to(dev)
-        return (per_sample * weights).mean(), {"mse": per_sample.mean().item()}
+        loss, mse = objective(model(z, t, encoder_hidden_states=cond).sample, v, t)
+        return loss, {"mse": mse.item()}
 
     def memory_needed():
         return memory.unet_stage_memory(pipe.unet, [teacher_unet, pipe.text_encoder], p.train, base.mixed_precision,

@@ -171,7 +171,7 @@ def _tiny_activations(config_json: str, resolution: int, critic_channels: int | 
 
         def call():
             fake = tiny.decode(z).sample
-            # the decoder stage's hinge losses call the critic three times with grad (stages.decoder.hinge_losses)
+            # the decoder stage's hinge losses call the critic three times with grad (losses.HingeGAN)
             judged = [critic(fake.detach()), critic(fake.detach()), critic(fake)] if critic is not None else []
             return fake, tiny.encode(x).latents, judged
         return saved_bytes(call, trained, precision=precision)
