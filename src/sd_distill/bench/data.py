@@ -2,8 +2,8 @@
 
 For each N: N synthetic LAION-like pairs (JPEG images of random shapes on noise, every caption different) in a
 folder with ``metadata.jsonl``, and a project whose teacher is a local folder with SD v1.5's structure at reduced
-width (``sd_shaped_teacher``; random weights: throughput and memory do not depend on them). Each stage runs as its own ``sd-distill run`` process, as
-an orchestrator runs it, and is measured from outside:
+width (``sd_shaped_teacher``; random weights: throughput and memory do not depend on them). Each stage runs as its
+own ``sd-distill run`` process, as an orchestrator runs it, and is measured from outside:
 
 - seconds and images per second (``prepare`` with 1 and 2 workers, ``encode``);
 - peak resident memory (the largest ``ru_maxrss`` of the stage's processes, DataLoader workers included);
@@ -12,7 +12,11 @@ an orchestrator runs it, and is measured from outside:
   DataLoader workers, and the time it waited for them (``Prefetch``'s log line): samples/s with that wait taken out
   is what the same steps give on latents already in memory, so equal figures mean loading is not the bottleneck.
 
-Writes ``bench_data.json`` (every figure and the machine) and ``bench_data.md`` (the table) to ``--out``.
+Writes ``bench_data.json`` (every figure and the machine) and ``bench_data.md`` (the table) to ``--out``. Every
+stage's figures carry the commit and the date they were measured at. ``--stages encode`` (for example) measures only
+that stage (the others run as set-up, unmeasured) and replaces its figures in the rows already in ``--out``, so a
+change to one stage is re-measured without repeating the hours the others take; the table names the stages
+measured at another commit than the rest of their row.
 """
 
 from __future__ import annotations
@@ -114,7 +118,25 @@ def run_stage(project: Path, stage: str, sets: list[str]) -> dict:
             "data_wait_seconds": waited, "summary": done.get("summary", {})}
 
 
-def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -> dict:
+STAGES = ("prepare", "encode", "vpred")
+
+
+def provenance() -> dict:
+    """The commit of the code measured (``+dirty`` with uncommitted changes) and today's date."""
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        argv = ["git", *args]
+        return subprocess.run(argv, cwd=root, capture_output=True, text=True).stdout.strip()  # nosec B603: git, no shell
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return {"commit": commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int,
+               stages: tuple[str, ...] = STAGES) -> dict:
+    """One row: the figures of ``stages`` at N = ``n`` (the stages before them run unmeasured, as set-up)."""
     project = work / f"n{n}"
     synthetic_pairs(project / "raw", n, side)
     (project / "params.yaml").write_text(json.dumps({
@@ -126,19 +148,35 @@ def bench_size(work: Path, teacher: Path, n: int, side: int, train_steps: int) -
         "encode": {"embeddings": "computed", "batch_size": 64},
         "vpred": {"train": {"steps": train_steps, "batch_size": BATCH, "grad_accum": 1, "log_every": 1,
                             "checkpoint_every": 1000, "warmup_steps": 0}}}))
-    row = {"n": n}
-    for workers in (1, 2):
+    row, made = {"n": n}, provenance()
+    last = max(STAGES.index(s) for s in stages)
+    for workers in (1, 2) if "prepare" in stages else (2,):
         m = run_stage(project, "prepare", [f"prepare.workers={workers}"])
-        row[f"prepare_w{workers}"] = {**m, "images_per_second": n / m["seconds"]}
-    for stage in ("teacher", "encode", "vpred"):
-        row[stage] = run_stage(project, stage, [])
-    row["encode"]["images_per_second"] = n / row["encode"]["seconds"]
-    v = row["vpred"]
-    samples = (train_steps - 1) * BATCH  # the steps after the first, whose rows the workers read ahead
-    v["samples_per_second"] = samples / v["first_to_last_step_seconds"]
-    v["samples_per_second_without_data_wait"] = samples / (v["first_to_last_step_seconds"] - v["data_wait_seconds"])
+        if "prepare" in stages:
+            row[f"prepare_w{workers}"] = {**m, "images_per_second": n / m["seconds"], **made}
+    run_stage(project, "teacher", [])
+    if last >= STAGES.index("encode"):
+        m = run_stage(project, "encode", [])
+        if "encode" in stages:
+            row["encode"] = {**m, "images_per_second": n / m["seconds"], **made}
+    if "vpred" in stages:
+        v = row["vpred"] = {**run_stage(project, "vpred", []), **made}
+        samples = (train_steps - 1) * BATCH  # the steps after the first, whose rows the workers read ahead
+        v["samples_per_second"] = samples / v["first_to_last_step_seconds"]
+        v["samples_per_second_without_data_wait"] = samples / (v["first_to_last_step_seconds"]
+                                                               - v["data_wait_seconds"])
     shutil.rmtree(project / "raw")
     return row
+
+
+def merge(result: dict, row: dict) -> None:
+    """Put ``row``'s stages into ``result``'s row of the same N (a new row if there is none)."""
+    for old in result["rows"]:
+        if old["n"] == row["n"]:
+            old.update(row)
+            return
+    result["rows"].append(row)
+    result["rows"].sort(key=lambda r: r["n"])
 
 
 def render(result: dict) -> str:
@@ -155,7 +193,17 @@ def render(result: dict) -> str:
                      f"{r['vpred']['first_step_seconds']:.1f} | {r['vpred']['samples_per_second']:.1f} | "
                      f"{r['vpred']['samples_per_second_without_data_wait']:.1f} | "
                      f"{r['vpred']['data_wait_seconds']:.2f} |")
+    notes = [f"- N={r['n']:,}: {', '.join(f'{k} at {v[0]} ({v[1]})' for k, v in stages.items())}"
+             for r in result["rows"] if len(set((stages := measured(r)).values())) > 1]
+    if notes:
+        lines += ["", "Measured at different commits (stage: commit, date):", *notes]
     return "\n".join(lines) + "\n"
+
+
+def measured(row: dict) -> dict[str, tuple[str, str]]:
+    """Stage -> (commit, date) of a row's figures (rows written before figures carried them: 'earlier')."""
+    return {k: (v.get("commit", "earlier"), v.get("date", "")) for k, v in row.items()
+            if k in ("prepare_w1", "prepare_w2", "encode", "vpred")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,19 +214,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="optimizer steps of the training stage (at least 2: samples/s is timed after the first)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for bench_data.json/.md")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma list of the stages to measure (default: all); with fewer, their figures replace "
+                             "those in --out's bench_data.json, whose rows must then exist")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    work = args.work or Path(tempfile.mkdtemp(prefix="sd-distill-bench-data-"))
-    teacher = work / "teacher"
-    if not teacher.is_dir():
-        sd_shaped_teacher(teacher, args.resolution)
+    stages = tuple(s for s in STAGES if s in args.stages.split(","))
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown or not stages:
+        parser.error(f"--stages: {', '.join(sorted(unknown)) or args.stages!r} not among {', '.join(STAGES)}")
     import platform
 
     result = {"side": args.resolution, "machine": f"{os.cpu_count()} cores, {platform.processor() or 'cpu'}",
               "rows": []}
+    if stages != STAGES:
+        if not (args.out / "bench_data.json").is_file():
+            parser.error(f"--stages {args.stages}: no {args.out / 'bench_data.json'} to update; measure every stage "
+                         f"first")
+        result = json.loads((args.out / "bench_data.json").read_text())
+        missing = [n for n in sizes if n not in {r["n"] for r in result["rows"]}]
+        if result["side"] != args.resolution or missing:
+            parser.error(f"--stages {args.stages}: {args.out / 'bench_data.json'} has no full row for N={missing} "
+                         f"at {args.resolution} px (found {result['side']} px); measure every stage first")
+    work = args.work or Path(tempfile.mkdtemp(prefix="sd-distill-bench-data-"))
+    teacher = work / "teacher"
+    if not teacher.is_dir():
+        sd_shaped_teacher(teacher, args.resolution)
     args.out.mkdir(parents=True, exist_ok=True)
     for n in sizes:  # the files are rewritten after every N, so a run stopped at a large N keeps the smaller ones
-        result["rows"].append(bench_size(work, teacher, n, args.resolution, args.train_steps))
+        merge(result, bench_size(work, teacher, n, args.resolution, args.train_steps, stages))
         (args.out / "bench_data.json").write_text(json.dumps(result, indent=2))
         (args.out / "bench_data.md").write_text(render(result))
         print(f"bench-data: N={n:,} done", file=sys.stderr)
