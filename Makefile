@@ -15,7 +15,7 @@ LINT_STAMP := $(LINT_VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup setup-airflow setup-lint run test bench bench-data rehearse images dvc-yaml kfp-yaml clean
+.PHONY: help setup setup-airflow setup-lint run test bench bench-data bench-one-step rehearse images dvc-yaml kfp-yaml clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench: setup  ## time teacher vs student on this CPU (SD v1.5 at 512 px, models/
 
 bench-data: setup  ## prepare, encode and a training stage at N = 1k, 10k, 50k synthetic pairs (256 px): reports/bench_data.md
 	$(BIN)/python -m sd_distill.bench.data --sizes 1000,10000,50000 --resolution 256 --out reports
+
+bench-one-step: setup  ## after make run: dmd over 3 seeds, its ablations, SnapFusion's chain: reports/one_step.md
+	$(BIN)/python -m sd_distill.bench.one_step --out reports
 
 rehearse: setup  ## the sd15 preset through dvc repro on an SD v1.5-shaped local teacher at 64 px, 2 steps a stage (~3 min)
 	$(BIN)/python -m sd_distill.bench.rehearsal --out $${REHEARSAL_DIR:-$$(mktemp -d)/rehearsal}

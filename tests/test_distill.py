@@ -107,3 +107,53 @@ def test_model_folders_do_not_record_the_checkout_path(smoke_project):
     assert leaked == []
     unet = json.loads((smoke_project / "models" / "steps-1" / "unet" / "config.json").read_text())
     assert unet["_name_or_path"] == "steps-2/unet"
+
+
+def snapfusion_round(smoke_project, tmp_path, **halve_params):
+    """One SnapFusion round 64 -> 32 from the smoke project's guidance-free models/vpred (what bench.one_step runs);
+    returns the student pipeline and the logged terms of each step."""
+    from sd_distill.data import latents as latent_data
+    from sd_distill.models.parts import load_pipeline
+    from sd_distill.stages import halve
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = resolve(write_params(tmp_path, halve={"loss": "cfg_aware", **halve_params}))
+    p, seen = params.halve, []
+    pipe = load_pipeline(smoke_project / "models" / "vpred")
+    with latent_data.from_disk(smoke_project / "data" / "latents", pipe, "snapfusion@32", "vpred", p.train_for(32),
+                               params.base.seed, "cpu") as latents:
+        pipe = halve.distill_round(pipe, latents, 32, 64, p, params.base, tmp_path / "work",
+                                   on_metrics=lambda metrics, step: seen.append(metrics))
+    return pipe, seen
+
+
+def test_a_snapfusion_round_trains_a_student_without_w_that_samples_with_two_calls_per_step(smoke_project, tmp_path):
+    pipe, seen = snapfusion_round(smoke_project, tmp_path, cfg_prob=1.0)
+    assert pipe.unet.config.time_cond_proj_dim is None
+    assert [m["halve/cfg"] for m in seen] == [1.0, 1.0]  # every batch took the CFG-aware branch
+    assert all(m["halve/loss"] == pytest.approx(2 * m["halve/dstl"]) for m in seen)  # ori_weight 1: L_ori = L_dstl
+    calls = count_unet_calls(pipe)
+    images = pipe(["a handwritten digit one"], num_inference_steps=2, guidance_scale=4.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert calls == [2, 2] and np.isfinite(images).all()  # CFG: conditional and unconditional in one batch
+
+
+def test_snapfusion_without_cfg_batches_is_vanilla_distillation_and_the_coin_is_seeded(smoke_project, tmp_path):
+    _, vanilla = snapfusion_round(smoke_project, tmp_path / "a", cfg_prob=0.0, ori_weight=0.0)
+    assert [m["halve/cfg"] for m in vanilla] == [0.0, 0.0]
+    assert all(m["halve/loss"] == m["halve/dstl"] and m["halve/ori"] == 0.0 for m in vanilla)
+    _, half = snapfusion_round(smoke_project, tmp_path / "b", cfg_prob=0.5)
+    _, again = snapfusion_round(smoke_project, tmp_path / "c", cfg_prob=0.5)
+    assert half == again  # the same coins and losses: drawn from the loop's seeded generator
+
+
+def test_the_dag_refuses_the_cfg_aware_loss_with_one_line(smoke_project, tmp_path, capsys):
+    from sd_distill.cli import main
+    from tests.test_bad_input import one_error_line
+
+    for name in ("data", "models"):
+        shutil.copytree(smoke_project / name, tmp_path / name)
+    write_params(tmp_path, halve={"loss": "cfg_aware"})
+    assert main(["run", "halve@32", "--params", str(tmp_path / "params.yaml")]) == 2
+    line = one_error_line(capsys, "run")
+    assert "halve.loss is cfg_aware" in line and "python -m sd_distill.bench.one_step --parts snapfusion" in line

@@ -5,7 +5,8 @@ test_decoder.py) hold the stages to these objects bit for bit."""
 import pytest
 import torch
 
-from sd_distill.losses import BKDistillation, DecoderDistillation, Denoising, MinSNRDenoising, VAELoss
+from sd_distill.losses import (BKDistillation, DecoderDistillation, Denoising, MinSNRDenoising,
+                               SnapFusionDistillation, VAELoss)
 
 
 def test_min_snr_denoising_weights_each_sample_by_min_snr_over_snr_plus_one_for_v():
@@ -56,3 +57,18 @@ def test_decoder_distillation_weighs_the_encoder_term():
     loss, dec, enc = DecoderDistillation(0.25)(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2),
                                                torch.full((1, 2), 2.0))
     assert (dec.item(), enc.item()) == (1.0, 4.0) and loss.item() == pytest.approx(2.0)
+
+
+def test_snapfusion_adds_l_ori_at_the_distillation_loss_size_and_keeps_its_gradient_direction():
+    g = torch.Generator().manual_seed(0)
+    pred, goal, data_v = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    cond = pred.clone().requires_grad_(True)
+    loss, terms = SnapFusionDistillation(ori_weight=0.5)(cond, goal, cond, data_v)
+    dstl, ori = ((cond - goal) ** 2).mean(), ((cond - data_v) ** 2).mean()
+    assert torch.allclose(terms["dstl"], dstl) and torch.allclose(terms["ori"], ori)
+    assert torch.allclose(loss, 1.5 * dstl)  # gamma * L_ori = 0.5 * L_dstl in value
+    loss.backward()
+    expected = 2 * (cond - goal) / cond.numel() + 0.5 * float(dstl / ori) * 2 * (cond - data_v) / cond.numel()
+    assert torch.allclose(cond.grad, expected.detach(), atol=1e-7)
+    off, terms = SnapFusionDistillation(ori_weight=0.0)(pred, goal, pred, data_v)
+    assert torch.equal(off, Denoising()(pred, goal)) and float(terms["ori"]) == 0.0

@@ -360,3 +360,21 @@ def test_a_halving_round_under_bf16_keeps_a_bf16_teacher_and_an_fp32_student_cop
     assert all(torch.allclose(student[k], fp32[k], rtol=0, atol=1e-9) for k in fp32)  # lr 1e-12: one tiny step
     rounded = {k: v.to(torch.bfloat16).float() for k, v in fp32.items()}
     assert not all(torch.allclose(student[k], rounded[k], rtol=0, atol=1e-9) for k in fp32)  # not from bf16
+
+
+def test_a_term_some_steps_lack_is_logged_as_its_mean_over_the_steps_that_had_it(tmp_path):
+    """dmd's generator terms come on every update_ratio-th step only: a log every 4 steps must still carry them."""
+
+    def numbered(step, micro, gen):  # the batch carries its step (0-d: the same in every piece)
+        return (*batch_fn(step, micro, gen), torch.tensor(step))
+
+    def sparse(model, batch, gen):
+        loss, _ = mse(model, batch[:2], gen)
+        return loss, ({"always": 1.0, "odd": float(batch[2])} if batch[2] % 2 else {"always": 1.0})
+
+    logged = []
+    p = PARAMS.model_copy(update={"grad_accum": 1, "log_every": 4, "ema_decay": 0.0})
+    train(toy_model(), sparse, numbered, p, tmp_path, seed=7, on_metrics=lambda m, step: logged.append((step, m)))
+    assert [step for step, _ in logged] == [4, 8, 12]
+    assert [m["train/odd"] for _, m in logged] == [2.0, 6.0, 10.0]  # steps 1, 3 / 5, 7 / 9, 11 (0-based)
+    assert all(m["train/always"] == 1.0 for _, m in logged)

@@ -19,6 +19,8 @@ The other stages' losses:
 - ``BKDistillation``: BK-SDM's task + output-KD + feature-KD sum (Kim et al. 2023, eq. 1-3).
 - ``DecoderDistillation``: TAESD-style decoder MSE to the VAE's decode plus the encoder's latent MSE.
 - ``HingeGAN``: hinge losses (Lim & Ye 2017) of the decoder's optional critic, both halves in one backward.
+- ``SnapFusionDistillation``: SnapFusion's step-distillation objective (Li et al. 2023, eq. 11), the distillation
+  MSE plus a share of the plain denoising loss whose weight follows the distillation loss' size.
 
 Each returns the loss to step on, or (loss, the terms a run logs); the stages, ``bench`` and the tests call these,
 so a number pinned in a test is the number a stage trains on.
@@ -153,3 +155,23 @@ class HingeGAN:
         frozen = {name: w.detach() for name, w in critic.named_parameters()}
         g_loss = -functional_call(critic, frozen, (fake,)).mean()
         return d_loss, g_loss
+
+
+@dataclass(frozen=True)
+class SnapFusionDistillation:
+    """L = L_dstl + gamma L_ori (SnapFusion, Li et al. 2023, eq. 11): ``L_dstl`` the v-MSE of the student's
+    (CFG-combined or conditional) prediction to its teacher's target, ``L_ori`` the v-MSE of the student's conditional
+    prediction to the data's v. The paper calls gamma "dynamic" and scales it to the distillation loss without a
+    formula; here gamma = ``ori_weight`` x sg(L_dstl) / sg(L_ori), so L_ori adds ``ori_weight`` times the distillation
+    loss' value and its gradient direction. Returns (loss, {"dstl", "ori"})."""
+
+    ori_weight: float
+    eps: float = 1e-12
+
+    def __call__(self, pred: torch.Tensor, goal: torch.Tensor, cond_pred: torch.Tensor, data_v: torch.Tensor):
+        dstl = F.mse_loss(pred.float(), goal.float())
+        if self.ori_weight == 0:
+            return dstl, {"dstl": dstl, "ori": dstl.new_zeros(())}
+        ori = F.mse_loss(cond_pred.float(), data_v.float())
+        gamma = self.ori_weight * dstl.detach() / (ori.detach() + self.eps)
+        return dstl + gamma * ori, {"dstl": dstl, "ori": ori}

@@ -297,6 +297,18 @@ class HalveParams(GuidanceRange):
     round_steps: dict[int, int] = Field(
         default_factory=lambda: {32: 150, 16: 150, 8: 150, 4: 200, 2: 200, 1: 200},
         description="optimizer steps per round, by the student's step count (overrides train.steps)")
+    loss: Literal["plain", "cfg_aware"] = Field(
+        "plain", description="plain: the student regresses its teacher's two-step target (Salimans & Ho 2022), the "
+                             "w-input chain of dvc.yaml; cfg_aware: SnapFusion's loss (Li et al. 2023, eq. 10-11) for "
+                             "a student WITHOUT a w input, sampled with classifier-free guidance: only for the chain "
+                             "from models/vpred that `python -m sd_distill.bench.one_step --parts snapfusion` runs")
+    cfg_prob: float = Field(0.5, ge=0, le=1, description="cfg_aware: probability that a batch's teacher steps and "
+                                                         "student prediction both use CFG at w ~ U[w_min, w_max] "
+                                                         "(else both are conditional only); SnapFusion sweeps "
+                                                         "0.1-1 and publishes no single default")
+    ori_weight: float = Field(1.0, ge=0, description="cfg_aware: weight of SnapFusion's L_ori (the student's plain "
+                                                     "denoising loss on the data), scaled each batch to the "
+                                                     "distillation loss' size as the paper's 'dynamic' gamma; 0: off")
 
     @model_validator(mode="after")
     def _check(self) -> "HalveParams":

@@ -222,23 +222,32 @@ def refine(generator_pipe, real_unet, fake_unet, latents, p: DMDParams, base: Ba
     return generator_pipe
 
 
-def main(ctx) -> None:
-    p: DMDParams = ctx.params.dmd
-    base = ctx.params.base
-    source = ctx.inputs["generator"]
+def load_networks(inputs: dict[str, Path], p: DMDParams):
+    """The stage's three starting networks from its input folders (``inputs``: the registry's roles): the
+    generator's pipeline (``models/steps-1``), the real score's and the fake score's UNets, and the generator's card;
+    every folder is checked before a weight is read."""
+    source = inputs["generator"]
     needs = teacher_needs("dmd", "halve@1")
     check_pipeline(source, needs)
     check_card(source, 1, "dmd", "halve@1")
     card = read_config(source / MODEL_CARD)
     pipe = load_pipeline(source, needs=needs)
     check_steps(p, pipe.scheduler.config.num_train_timesteps, card, source)
-    real_dir = ctx.inputs["vpred" if p.real_score == "cfg" else "guided"]
+    real_dir = inputs["vpred" if p.real_score == "cfg" else "guided"]
     check_pipeline(real_dir, REAL_NEEDS[p.real_score])
     real_unet = load_pipeline(real_dir, needs=REAL_NEEDS[p.real_score]).unet
-    fake_dir = ctx.inputs[p.fake_init]
+    fake_dir = inputs[p.fake_init]
     fake_needs = teacher_needs("dmd", "prune" if p.fake_init == "pruned" else "guidance")
     check_pipeline(fake_dir, fake_needs)
     fake_unet = load_pipeline(fake_dir, needs=fake_needs).unet
+    return pipe, real_unet, fake_unet, card
+
+
+def main(ctx) -> None:
+    p: DMDParams = ctx.params.dmd
+    base = ctx.params.base
+    source = ctx.inputs["generator"]
+    pipe, real_unet, fake_unet, card = load_networks(ctx.inputs, p)
     with latent_data.from_disk(ctx.inputs["latents"], pipe, "dmd", source.name, p.train, base.seed,
                                pick_device(base)) as latents:
         pipe = refine(pipe, real_unet, fake_unet, latents, p, base, ctx.work, resume=ctx.resume,

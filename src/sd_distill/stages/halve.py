@@ -8,6 +8,14 @@ t - T // N exactly as ``DDIMScheduler.step`` does. The first teacher is ``models
 ``prune.variant`` is ``none``). With ``halve.mode: direct`` the teacher is always that first teacher
 at ``steps_from`` steps and spans one student step with steps_from / N of its steps (SnapFusion's direct
 distillation), to measure what the multi-round chain accumulates. Output ``models/steps-N/``.
+
+``distill_round`` also runs SnapFusion's chain (Li et al. 2023, sec. 4.2), which ``bench.one_step`` measures against
+this one: the teacher is a v model WITHOUT a w input (``models/vpred``, no guidance stage), the student too, and it
+is sampled with classifier-free guidance (two UNet calls per step). With ``halve.loss: cfg_aware``, a batch uses CFG
+at w on both sides with probability ``cfg_prob`` (the teacher's two steps along the CFG-combined v and the student's
+CFG-combined v against their target, eq. 10), else the conditional predictions (eq. 9), plus ``ori_weight`` of the
+plain denoising loss (eq. 11, ``losses.SnapFusionDistillation``). In v-MSE, as the w-input chain, where the paper
+weighs x-MSE by max(SNR, 1).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from diffusers import DDIMScheduler
 
 from sd_distill import diffusion, registry
 from sd_distill.data import latents as latent_data
-from sd_distill.losses import Denoising
+from sd_distill.errors import UserError
+from sd_distill.losses import Denoising, SnapFusionDistillation
 from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
                                     read_config)
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
@@ -63,8 +72,11 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
                   resume: bool = False, on_metrics: MetricsFn | None = None):
     """Train a ``student_steps`` sampler from ``pipe`` sampling in ``teacher_steps``; returns the student pipeline."""
     config = pipe.scheduler.config
-    if config.prediction_type != "v_prediction" or pipe.unet.config.time_cond_proj_dim is None:
-        raise ValueError("halve: the teacher must be a w-conditioned v-prediction model (the guidance stage's output)")
+    guided_input = pipe.unet.config.time_cond_proj_dim is not None
+    if config.prediction_type != "v_prediction":
+        raise ValueError(f"halve: the teacher must be a v-prediction model, found {config.prediction_type!r}")
+    if guided_input and p.loss == "cfg_aware":
+        raise UserError(CFG_AWARE_IN_DAG)
     if teacher_steps % student_steps:
         raise ValueError(f"halve: teacher steps {teacher_steps} are not a multiple of student steps {student_steps}")
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
@@ -78,15 +90,42 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
     tp = p.train_for(student_steps)
 
     def batch_fn(step, micro, gen):
-        return latents.draw_with_w(step, micro, gen, grid, p.w_min, p.w_max)
+        batch = latents.draw_with_w(step, micro, gen, grid, p.w_min, p.w_max)
+        if guided_input:
+            return batch
+        # SnapFusion's chain: this batch uses CFG with probability cfg_prob (eq. 11's P ~ U[0, 1] < p); a 0-d
+        # tensor, which the loop's out-of-memory split hands to every piece of the batch
+        use_cfg = p.loss == "cfg_aware" and bool(torch.rand((), generator=gen) < p.cfg_prob)
+        return (*batch, torch.tensor(use_cfg))
 
     def loss_fn(model, batch, gen):
         dev = next(model.parameters()).device
+        if not guided_input:
+            *tensors, use_cfg = batch
+            return snapfusion_loss(model, tensors, bool(use_cfg), dev)
         x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
         goal = teacher_target(teacher, z, t, cond, w, teacher_path(t, student_steps, teacher_steps, T), schedule)
         pred = diffusion.unet_denoiser(model, schedule, "v_prediction")(z, t, cond, w)
         # MSE on v = (1 + SNR)-weighted MSE on x (Salimans & Ho 2022, sec. 4, "SNR+1" weighting)
         return Denoising()(pred, goal), {}
+
+    snapfusion = SnapFusionDistillation(p.ori_weight)
+
+    def snapfusion_loss(model, batch, use_cfg: bool, dev):
+        x, cond, t, w, noise, z, alpha, sigma = diffusion.noised_w_batch(batch, schedule, dev)
+        path = teacher_path(t, student_steps, teacher_steps, T)
+        student = diffusion.unet_denoiser(model, schedule, "v_prediction")
+        if use_cfg:  # eq. 10: the CFG-combined v on both sides, at the batch's w
+            pair = (cond, latents.uncond.to(dev, cond.dtype).expand_as(cond))
+            goal = teacher_target(diffusion.cfg(teacher), z, t, pair, w, path, schedule)
+            v_c, v_u = student(torch.cat([z, z]), torch.cat([t, t]), torch.cat(pair)).chunk(2)
+            wv = w.to(dev, z.dtype).view(-1, 1, 1, 1)
+            pred = (1 + wv) * v_c - wv * v_u
+        else:  # eq. 9: the conditional predictions
+            goal = teacher_target(teacher, z, t, cond, None, path, schedule)
+            pred = v_c = student(z, t, cond)
+        loss, terms = snapfusion(pred, goal, v_c, diffusion.target(x, noise, alpha, sigma, "v_prediction"))
+        return loss, {"cfg": float(use_cfg), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def memory_needed():
         return memory.unet_stage_memory(student, [teacher_unet, pipe.text_encoder], tp, base.mixed_precision,
@@ -97,6 +136,12 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
                     on_metrics=on_metrics, memory=memory_needed).model
     pipe.unet = student.cpu()
     return pipe
+
+
+CFG_AWARE_IN_DAG = ("halve.loss is cfg_aware: SnapFusion's loss trains a student WITHOUT a w input, sampled with "
+                    "classifier-free guidance, and the halving rounds of dvc.yaml distil the w-input model "
+                    "(models/pruned); set halve.loss: plain, and measure SnapFusion's chain from models/vpred with "
+                    "`python -m sd_distill.bench.one_step --parts snapfusion`")
 
 
 def round_steps(stage_name: str) -> int:
@@ -130,6 +175,8 @@ def teacher_needs(stage: str, producer: str) -> Needs:
 
 def main(ctx) -> None:
     p: HalveParams = ctx.params.halve
+    if p.loss == "cfg_aware":
+        raise UserError(CFG_AWARE_IN_DAG)
     n = round_steps(ctx.stage.name)
     first = p.mode == "direct" or n == HALVING_STEPS[0]  # the first teacher: prune's output
     if p.mode == "direct":

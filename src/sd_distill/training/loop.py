@@ -291,6 +291,9 @@ def train(
     bar = tqdm(total=p.steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True,
                disable=not sys.stderr.isatty() or not acc.is_main_process)
     window: list[float] = []
+    # each term's values since the last log; a term some steps lack (dmd's generator terms) is averaged over the
+    # steps that had it, so it is logged even when the logging step is not one of them
+    term_window: dict[str, list[float]] = {}
     tick = time.time()
     parts = 1  # pieces each micro-batch is cut into; doubles when memory runs out
     objective.train()
@@ -328,6 +331,8 @@ def train(
             state.step += 1
             state.losses.append(step_loss)
             window.append(step_loss)
+            for k, v in extras.items():
+                term_window.setdefault(k, []).append(v)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if state.step % p.log_every == 0 or state.step == p.steps:
@@ -340,8 +345,8 @@ def train(
                 if on_metrics is not None:
                     key = name.split("@")[0]  # MLflow metric names allow no "@"; each round has its own run anyway
                     on_metrics({f"{key}/loss": mean, f"{key}/lr": scheduler.get_last_lr()[0],
-                                **{f"{key}/{k}": v for k, v in extras.items()}}, state.step)
-                window, tick = [], time.time()
+                                **{f"{key}/{k}": sum(v) / len(v) for k, v in term_window.items()}}, state.step)
+                window, term_window, tick = [], {}, time.time()
             stop = sigterm.requested
             if world > 1:  # every process stops at the same step, or the others would wait in an all-reduce
                 stop = bool(acc.reduce(torch.tensor([float(stop)], device=acc.device), "sum").item())
