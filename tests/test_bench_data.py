@@ -46,6 +46,11 @@ def test_a_stage_measured_again_replaces_its_figures_and_the_table_says_at_which
     assert "- N=50,000: prepare_w1 at aaa (2026-12-01), prepare_w2 at aaa (2026-12-01), encode at bbb (2026-12-03)" \
         in table
     assert "N=1,000" not in table  # one commit for the whole row: no note
+    for stage in ("prepare_w1", "prepare_w2", "vpred"):  # figures from before they carried a commit and a date
+        for key in ("commit", "date"):
+            del result["rows"][1][stage][key]
+    assert "- N=50,000: prepare_w1 at an earlier commit, prepare_w2 at an earlier commit, encode at bbb (2026-12-03), " \
+        "vpred at an earlier commit" in data.render(result)
 
 
 def test_measuring_some_stages_needs_the_rows_it_updates(tmp_path, capsys):

@@ -193,7 +193,10 @@ def render(result: dict) -> str:
                      f"{r['vpred']['first_step_seconds']:.1f} | {r['vpred']['samples_per_second']:.1f} | "
                      f"{r['vpred']['samples_per_second_without_data_wait']:.1f} | "
                      f"{r['vpred']['data_wait_seconds']:.2f} |")
-    notes = [f"- N={r['n']:,}: {', '.join(f'{k} at {v[0]} ({v[1]})' for k, v in stages.items())}"
+    def at(commit: str, date: str) -> str:
+        return f"{commit} ({date})" if date else commit
+
+    notes = [f"- N={r['n']:,}: {', '.join(f'{k} at {at(*v)}' for k, v in stages.items())}"
              for r in result["rows"] if len(set((stages := measured(r)).values())) > 1]
     if notes:
         lines += ["", "Measured at different commits (stage: commit, date):", *notes]
@@ -201,8 +204,9 @@ def render(result: dict) -> str:
 
 
 def measured(row: dict) -> dict[str, tuple[str, str]]:
-    """Stage -> (commit, date) of a row's figures (rows written before figures carried them: 'earlier')."""
-    return {k: (v.get("commit", "earlier"), v.get("date", "")) for k, v in row.items()
+    """Stage -> (commit, date) of a row's figures (figures written before they carried one: 'an
+    earlier commit', no date)."""
+    return {k: (v.get("commit", "an earlier commit"), v.get("date", "")) for k, v in row.items()
             if k in ("prepare_w1", "prepare_w2", "encode", "vpred")}
 
 
