@@ -188,6 +188,21 @@ def test_pinned_objective_values_on_cpu():
 PINNED = {"dm": 0.2336, "gen_gan": 0.9585, "fake": 0.4302, "disc": 1.4537}  # CPU, float32, seeds above
 
 
+def test_the_generator_steps_at_its_own_rate_and_the_fake_and_head_at_the_loops():
+    from sd_distill.params import TrainParams
+    from sd_distill.training.loop import build_optimizer
+
+    _, _, nets = objective_and_nets()
+    nets.generator_lr = 1e-6
+    groups = build_optimizer(nets, TrainParams(learning_rate=1e-4), "dmd").param_groups
+    assert [g["lr"] for g in groups] == [1e-6, 1e-4]
+    ids = [{id(q) for q in g["params"]} for g in groups]
+    assert ids[0] == {id(q) for q in nets.generator.parameters()}
+    assert ids[1] == {id(q) for m in (nets.fake, nets.head) for q in m.parameters()}
+    nets.generator_lr = None  # the default: one rate for all three
+    assert [g["lr"] for g in build_optimizer(nets, TrainParams(learning_rate=1e-4), "dmd").param_groups] == [1e-4] * 2
+
+
 # --------------------------------------------------------------------------- the stage
 def test_dmd_output_is_a_stock_one_step_pipeline(smoke_project):
     out = smoke_project / "models" / "dmd"

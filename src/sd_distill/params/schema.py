@@ -341,6 +341,10 @@ class DMDParams(GuidanceRange):
                                                    "5 on SDXL and ImageNet)")
     fake_warmup: int = Field(50, ge=0, description="fake-score-only steps before the first generator update, so "
                                                    "the fake tracks the already-guided generator first")
+    generator_learning_rate: float | None = Field(
+        None, gt=0, le=1, description="the generator's AdamW rate; null: train.learning_rate, which the fake score "
+                                      "and critic head always use (DMD2 has one rate for both, and a separate one "
+                                      "in its code: generator_lr, guidance_lr)")
     dm_weight: float = Field(1.0, ge=0, description="weight of the distribution-matching loss")
     gen_gan_weight: float = Field(1e-2, ge=0, description="weight of the generator's GAN loss")
     disc_gan_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss in the fake's update")

@@ -63,9 +63,16 @@ class Nets(nn.Module):
 
     _supports_gradient_checkpointing = True  # through its two UNets' own (the head is a few convolutions)
 
-    def __init__(self, generator: nn.Module, fake: nn.Module, head: nn.Module):
+    def __init__(self, generator: nn.Module, fake: nn.Module, head: nn.Module, generator_lr: float | None = None):
         super().__init__()
         self.generator, self.fake, self.head = generator, fake, head
+        self.generator_lr = generator_lr
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """The loop's AdamW groups: the generator at ``generator_lr`` (None: ``lr``), the fake score and head at
+        ``lr``."""
+        rest = [p for name, p in self.named_parameters() if not name.startswith("generator.")]
+        return [{"params": list(self.generator.parameters()), "lr": self.generator_lr or lr}, {"params": rest, "lr": lr}]
 
     def enable_gradient_checkpointing(self) -> None:
         self.generator.enable_gradient_checkpointing()
@@ -200,13 +207,14 @@ def refine(generator_pipe, real_unet, fake_unet, latents, p: DMDParams, base: Ba
     generator.load_state_dict(generator_pipe.unet.state_dict())
     channels, side = critic_lib.deepest_geometry(fake_unet.config)
     torch.manual_seed(base.seed)  # the head's initial weights
-    nets = Nets(generator, fake_unet, critic_lib.Head(channels, side))
+    nets = Nets(generator, fake_unet, critic_lib.Head(channels, side), p.generator_learning_rate)
     real = frozen(real_unet, device, base.mixed_precision)
     # trailing one-step sampling goes from 999 to -1 (the final alpha), as DDIMScheduler.step does it
     objective = Objective(p, schedule, student_t, student_t - T,
                           diffusion.unet_denoiser(real, schedule, "v_prediction"), latents.uncond)
-    log.info("dmd: %d steps, %d of them update the generator (warm-up %d, ratio %d), objective %s, real score %s",
-             p.train.steps, p.generator_updates(), p.fake_warmup, p.update_ratio, p.objective, p.real_score)
+    log.info("dmd: %d steps, %d of them update the generator (warm-up %d, ratio %d), objective %s, real score %s, "
+             "learning rate %g (generator %g)", p.train.steps, p.generator_updates(), p.fake_warmup, p.update_ratio,
+             p.objective, p.real_score, p.train.learning_rate, p.generator_learning_rate or p.train.learning_rate)
 
     def memory_needed():  # activations: the generator's and about two fake-score passes (denoising, critic)
         latent, seq = generator.config.sample_size, latents.uncond.shape[0]

@@ -150,14 +150,17 @@ def build_optimizer(model: torch.nn.Module, p: TrainParams, name: str) -> torch.
     AdamW (Dettmers et al. 2022): the same update with 8-bit blockwise-quantised moments."""
     kwargs = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2), eps=p.adam_epsilon,
                   weight_decay=p.weight_decay)
+    # a model with networks at their own rates (dmd's generator) names its parameter groups; the LR schedule scales
+    # every group's rate alike
+    params = model.optimizer_groups(p.learning_rate) if hasattr(model, "optimizer_groups") else model.parameters()
     if p.optimizer == "adamw8bit":
         try:
             import bitsandbytes
         except ImportError:
             raise UserError(f"{name}: train.optimizer is 'adamw8bit', which needs bitsandbytes, and it is not "
                             "installed; `pip install bitsandbytes` (CUDA), or set train.optimizer: adamw") from None
-        return bitsandbytes.optim.AdamW8bit(model.parameters(), **kwargs)
-    return torch.optim.AdamW(model.parameters(), amsgrad=p.adam_amsgrad, **kwargs)
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, amsgrad=p.adam_amsgrad, **kwargs)
 
 
 def gradient_checkpointing(model: torch.nn.Module, p: TrainParams, name: str) -> bool:
