@@ -42,7 +42,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from sd_distill import registry
-from sd_distill.errors import NOT_RETRYABLE
+from sd_distill.errors import EXIT_MEANINGS, NOT_RETRYABLE
 from sd_distill.orchestrators import common
 
 DAG_ID = "sd_distill"
@@ -175,7 +175,7 @@ class StageOperator(KubernetesPodOperator):
         """A stage status that a retry cannot change (bad input, a diverged loss) fails the task at once."""
         if rc in NOT_RETRYABLE:
             raise AirflowFailException(f"sd-distill run {self.stage.name} exited with status {rc} "
-                                       f"({common.EXIT_MEANINGS[rc]}): not retried, see the log above") from cause
+                                       f"({EXIT_MEANINGS[rc]}): not retried, see the log above") from cause
 
     def _execute_local(self, context) -> None:
         params = context["params"]

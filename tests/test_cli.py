@@ -2,7 +2,7 @@ import subprocess
 
 from PIL import Image
 
-from tests.conftest import BIN
+from tests.conftest import BIN, ROOT
 
 
 def cli(*args, cwd=None):
@@ -80,3 +80,27 @@ def test_report_without_metrics_names_the_file(tmp_path):
     (tmp_path / "bad.json").write_text('{"models": {}}')
     out = cli("report", "--metrics", "bad.json", cwd=tmp_path)
     assert out.returncode == 2 and "bad.json" in out.stderr and "non-empty 'models'" in out.stderr
+
+
+def test_help_ends_with_examples_then_exit_statuses_then_environment():
+    from sd_distill.cli import build_parser
+    from sd_distill.errors import EXIT_STATUSES
+
+    text = build_parser().format_help()
+    examples, statuses, environment = (text.index(h) for h in ("\nexamples:\n", "\nexit status:\n", "\nenvironment:\n"))
+    assert examples < statuses < environment
+    assert "sd-distill plan --profile sd15" in text[examples:statuses]  # the last example, before the statuses
+    block = text[statuses:environment]
+    rows = [line.split()[0] for line in block.splitlines()[2:] if line.startswith("  ") and line[2:3].isdigit()]
+    assert rows == [str(s.status) for s in EXIT_STATUSES]
+    assert "MLFLOW_TRACKING_URI" in text[environment:]
+
+
+def test_readme_exit_status_table_is_errors_exit_statuses():
+    from sd_distill.errors import exit_status_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| `sd-distill run` exits with |")
+    table = readme[start:readme.index("\n\n", start) + 1]
+    assert table == exit_status_table()
+    assert "The exit statuses are `sd_distill.errors.EXIT_STATUSES`, which `sd-distill --help` prints too" in readme

@@ -149,9 +149,9 @@ def test_the_exit_status_of_a_finished_pod_is_read_from_its_container():
     assert common.terminated_exit_code(pod(istio=0, base=3), "base") == 3
     assert common.terminated_exit_code(pod(other=1), "base") is None
     assert common.terminated_exit_code(None, "base") is None
-    from sd_distill.errors import NOT_RETRYABLE
+    from sd_distill.errors import EXIT_MEANINGS, NOT_RETRYABLE
 
-    assert set(NOT_RETRYABLE) <= set(common.EXIT_MEANINGS) and 143 not in NOT_RETRYABLE and 75 not in NOT_RETRYABLE
+    assert set(NOT_RETRYABLE) == {2, 3} and set(NOT_RETRYABLE) <= set(EXIT_MEANINGS)
 
 
 @pytest.mark.slow

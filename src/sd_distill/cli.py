@@ -11,16 +11,12 @@ import subprocess  # nosec B404: runs dvc from this environment, an argument lis
 import sys
 from pathlib import Path
 
-EPILOG = """examples:
+EXAMPLES = """examples:
   sd-distill stages                         the DAG, in order, with inputs and outputs
   sd-distill params --set teacher.unet_train.steps=50
   sd-distill run prepare                    one stage, reading ./params.yaml
   sd-distill run teacher --resume           continue from the stage's last checkpoint
   sd-distill run teacher --force            rerun a stage that is up to date
-
-exit status: 0 done or up to date; 1 crash (retryable); 2 bad params, input or model folder; 3 training failed
-(NaN/Inf loss, out of memory at train.min_micro_batch); 75 the stage is running elsewhere in this project
-(retryable); 143 stopped by SIGTERM with a checkpoint (retryable: a rerun with --resume continues)
   sd-distill repro                          every stage through `dvc repro`, under one MLflow parent run
   sd-distill run halve@8 --profile smoke --overrides '{"halve.train.batch_size": 16}'   as Airflow/Kubeflow do
   sd-distill kfp compile                    components/sd_distill_pipeline.yaml for Kubeflow Pipelines
@@ -32,6 +28,20 @@ exit status: 0 done or up to date; 1 crash (retryable); 2 bad params, input or m
   sd-distill plan --profile sd15 --gpu a100-80gb   per stage: samples, FLOPs, GPU-hours, memory, fits or not
 """
 
+ENVIRONMENT = """environment:
+  MLFLOW_TRACKING_URI       where runs are logged (default: sqlite:///mlflow.db in the project folder)
+  MLFLOW_EXPERIMENT_NAME    the MLflow experiment (default: sd-distill)
+  SD_DISTILL_PARENT_RUN_ID  the MLflow run a stage's run is logged under (`sd-distill repro` sets it)
+  RANK, WORLD_SIZE          set by torchrun / accelerate launch: this process's rank and the process count
+"""
+
+
+def epilog() -> str:
+    """``--help``'s closing text: examples, exit statuses (``errors.EXIT_STATUSES``), environment."""
+    from sd_distill.errors import exit_status_help
+
+    return "\n".join((EXAMPLES, exit_status_help(), ENVIRONMENT))
+
 
 def _params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", type=Path, help="params file (default: ./params.yaml)")
@@ -41,7 +51,7 @@ def _params_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sd-distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="sd-distill", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog(),
         description="Distill a Stable Diffusion teacher into fast, small students. Every stage reads its "
                     "section of params.yaml; profiles: tiny (CPU, minutes), smoke (tests), sd15 (GPUs).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"sd-distill {args.command}: {exc}", file=sys.stderr)
         return Preempted.EXIT_CODE
-    except (UserError, FileNotFoundError) as exc:
+    except UserError as exc:  # anything else (a stage's FileNotFoundError too) is a bug: traceback, status 1
         if args.verbose:
             raise
         print(f"sd-distill {args.command}: error: {exc}", file=sys.stderr)

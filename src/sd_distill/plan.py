@@ -106,11 +106,14 @@ def _meta_models(params: Params, arch: costs.Arch) -> _Models:
     variant, d = params.prune.variant, params.decoder
     with torch.device("meta"):
         guided = UNet2DConditionModel.from_config({**arch.unet, "time_cond_proj_dim": params.guidance.embedding_dim})
+        try:
+            pruned = guided if variant == "none" else UNet2DConditionModel.from_config(
+                bk.compact_config(guided.config, variant))
+        except bk.VariantError as exc:
+            raise bk.VariantError(f"prune.variant={variant}: {exc}") from None
         critic = parts.patch_discriminator(d.arch.channels) if d.adversarial_weight > 0 else None
         return _Models(
-            teacher=UNet2DConditionModel.from_config(arch.unet), guided=guided,
-            pruned=guided if variant == "none" else UNet2DConditionModel.from_config(
-                bk.compact_config(guided.config, variant)),
+            teacher=UNet2DConditionModel.from_config(arch.unet), guided=guided, pruned=pruned,
             vae=AutoencoderKL.from_config(arch.vae), tiny=parts.build_tiny_autoencoder(arch.vae, d.arch),
             text=CLIPTextModel(CLIPTextConfig(**arch.text_encoder)), critic=critic)
 

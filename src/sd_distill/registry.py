@@ -209,10 +209,14 @@ def get(name: str) -> Stage:
     raise UserError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
 
 
+def producer(path: str) -> str | None:
+    """The name of the stage that produces ``path`` (a project-relative path as the records give it); None if none."""
+    return next((s.name for s in STAGES if path in s.produced.values()), None)
+
+
 def upstream(stage: Stage) -> list[str]:
     """Names of the stages whose produced paths this stage reads (the DAG's edges)."""
-    producers = {path: s.name for s in STAGES for path in s.produced.values()}
-    return sorted({producers[p] for p in stage.inputs.values() if p in producers})
+    return sorted({up for p in stage.inputs.values() if (up := producer(p)) is not None})
 
 
 def edges() -> list[tuple[str, str]]:

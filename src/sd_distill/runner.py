@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from sd_distill import __version__, registry, tracking
 from sd_distill.data.shards import sha256_file
-from sd_distill.errors import StageBusy, UserError
+from sd_distill.errors import MissingInput, StageBusy, UserError
 from sd_distill.params import Params
 
 log = logging.getLogger("sd_distill")
@@ -68,11 +68,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _publish(staged: dict[str, Path], finals: dict[str, Path], record: dict) -> None:
+def _publish(stage: str, staged: dict[str, Path], finals: dict[str, Path], record: dict) -> None:
     """Rename every staged output into place, once all of them exist (each folder gets the params record)."""
     for role, path in staged.items():
-        if not path.exists():
-            raise FileNotFoundError(f"the stage finished without writing its output {role} ({finals[role]})")
+        if not path.exists():  # a bug in the stage, not bad input: exit status 1 with a traceback
+            raise RuntimeError(f"stage {stage} returned without writing its declared output {role}: {path} does not "
+                               f"exist (it publishes to {finals[role]})")
     for path in staged.values():
         if path.is_dir():
             (path / RECORD).write_text(json.dumps(record, indent=2))
@@ -233,8 +234,8 @@ def run_stage(name: str, params: Params, root: Path = Path("."), resume: bool = 
     inputs = {role: root / p for role, p in stage.inputs.items()}
     for role, path in inputs.items():
         if not path.exists():
-            up = ", ".join(registry.upstream(stage)) or "an earlier stage"
-            raise FileNotFoundError(f"stage {name}: input {role} ({path}) does not exist; run {up} first")
+            up = registry.producer(stage.inputs[role]) or "an earlier stage"
+            raise MissingInput(f"stage {name}: input {role} ({path}) does not exist; run {up} first")
     finals = {role: root / p for role, p in stage.produced.items()}
     section = params.for_stage(stage.params_section)
     with stage_lock(root, name):
@@ -275,7 +276,7 @@ def _run_main(stage: registry.Stage, params: Params, root: Path, section: dict, 
             log_metrics=lambda m, step=None: mlflow.log_metrics(m, step=step),
         )
         getattr(importlib.import_module(entry_module), entry_fn)(ctx)
-        _publish(staged, finals, section)
+        _publish(stage.name, staged, finals, section)
         ctx.summary["stage_seconds"] = round(time.time() - started, 2)
         mlflow.log_metrics({k: float(v) for k, v in ctx.summary.items()})
         for path in (*stage.metrics.values(), *stage.plots.values(), *stage.reports.values()):

@@ -22,6 +22,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from sd_distill.errors import MissingInput
+
 MODEL_CARD = "distill.json"  # = sd_distill.stages.halve.MODEL_CARD (not imported: that module imports torch)
 DEFAULT_STEPS = 1
 DEFAULT_GUIDANCE = 7.5
@@ -150,7 +152,7 @@ def log_student(folder: Path | str, name: str = "student", **log_model_kwargs):
     """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        raise MissingInput(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=StudentPipeline(),

@@ -18,8 +18,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sd_distill.errors import MissingInput, UserError
+
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+
+
+class ShardError(UserError, ValueError):
+    """Prepared data that do not match their manifest (changed, truncated or not written by ``prepare``); the message
+    names the file, what the manifest says and what was found. Rerunning ``prepare`` rewrites them."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     done.add(key)
                     yield key, parts
                 if name in done:
-                    raise ValueError(f"{path}: the members of sample {name!r} are not consecutive; it was not "
+                    raise ShardError(f"{path}: the members of sample {name!r} are not consecutive; it was not "
                                      f"written by sd-distill prepare")
                 key, parts = name, {}
             parts[ext] = tar.extractfile(member).read()
@@ -163,8 +170,12 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `sd-distill run prepare` first")
-    return json.loads(path.read_text())
+        raise MissingInput(f"{path}: no manifest; run `sd-distill run prepare` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); rerun `sd-distill run "
+                         "prepare`") from None
 
 
 def read_split(root: Path, split: str, verify: bool = True) -> Split:
@@ -174,14 +185,14 @@ def read_split(root: Path, split: str, verify: bool = True) -> Split:
     images, captions, meta = [], [], []
     for row in (r for r in manifest["shards"] if r["split"] == split):
         path = root / row["file"]
-        if verify and sha256_file(path) != row["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from {root / MANIFEST}; the shard was changed or truncated")
+        if verify:
+            check_shard(path, row, root)
         for key, parts in _iter_tar(path):
             images.append(np.asarray(Image.open(io.BytesIO(parts["png"])).convert("RGB")))
             captions.append(parts["txt"].decode("utf-8"))
             meta.append(json.loads(parts["json"]))
     if not images:
-        raise ValueError(f"{root}: split {split!r} is empty")
+        raise ShardError(f"{root}: split {split!r} is empty: its shards in {MANIFEST} hold no sample")
     return Split(images=np.stack(images), captions=captions, meta=meta)
 
 
@@ -189,13 +200,15 @@ def split_rows(root: Path, split: str) -> list[dict]:
     """The manifest rows of ``split``'s shards, in order; raises if the split has none."""
     rows = [r for r in read_manifest(root)["shards"] if r["split"] == split]
     if not rows:
-        raise ValueError(f"{Path(root) / MANIFEST}: split {split!r} has no shard")
+        raise ShardError(f"{Path(root) / MANIFEST}: split {split!r} has no shard")
     return rows
 
 
 def check_shard(path: Path, row: dict, root: Path) -> None:
+    if not path.is_file():
+        raise MissingInput(f"{path}: listed in {Path(root) / MANIFEST} but missing; rerun `sd-distill run prepare`")
     if sha256_file(path) != row["sha256"]:
-        raise ValueError(f"{path}: sha256 differs from {Path(root) / MANIFEST}; the shard was changed or truncated")
+        raise ShardError(f"{path}: sha256 differs from {Path(root) / MANIFEST}; the shard was changed or truncated")
 
 
 def iter_shard(path: Path) -> Iterator[Sample]:
@@ -245,7 +258,7 @@ class PreparedImages:
                 found = [(m.offset_data, m.size) for m in tar if m.name.endswith(".png")]
                 self._index[key] = np.array(found, dtype=np.int64).reshape(-1, 2)  # 16 bytes a sample
             if len(self._index[key]) != self.rows[s]["samples"]:
-                raise ValueError(f"{path}: {len(self._index[key])} images, {self.root / MANIFEST} says "
+                raise ShardError(f"{path}: {len(self._index[key])} images, {self.root / MANIFEST} says "
                                  f"{self.rows[s]['samples']}")
         return self._index[key]
 

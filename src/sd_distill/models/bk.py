@@ -17,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sd_distill.errors import UserError
+
 VARIANTS = ("none", "base", "small", "tiny")
+
+
+class VariantError(UserError, ValueError):
+    """A BK-SDM variant that does not exist, or that this UNet cannot take; callers add the option or key that chose
+    it (``prune.variant``, ``--bk``)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ EDITS: dict[str, Edit] = {
 
 def _edit(variant: str) -> Edit:
     if variant not in EDITS:
-        raise ValueError(f"unknown BK-SDM variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        raise VariantError(f"unknown BK-SDM variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     return EDITS[variant]
 
 
@@ -57,13 +64,14 @@ def compact_config(config: dict, variant: str) -> dict:
     layers = _per_block(cfg["layers_per_block"], n)
     if edit.drop_pair:
         if min(layers) < 2:
-            raise ValueError(f"BK-SDM {variant}: every stage needs 2+ layers to drop one, found layers_per_block={layers}")
+            raise VariantError(f"BK-SDM {variant}: every stage needs 2+ layers to drop one, found "
+                               f"layers_per_block={layers}")
         layers = [k - 1 for k in layers]
     if edit.drop_mid:
         cfg["mid_block_type"] = None
     if edit.drop_innermost:
         if n < 3:
-            raise ValueError(f"BK-SDM {variant}: needs 3+ stages to drop the innermost, found {n}")
+            raise VariantError(f"BK-SDM {variant}: needs 3+ stages to drop the innermost, found {n}")
         keys = ("down_block_types", "block_out_channels", "attention_head_dim", "num_attention_heads",
                 "transformer_layers_per_block", "cross_attention_dim", "only_cross_attention")
         for key in keys:

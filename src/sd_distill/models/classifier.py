@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from sd_distill.errors import MissingInput
 from sd_distill.params import ClassifierParams
 
 
@@ -53,7 +54,7 @@ class DigitClassifier(nn.Module):
     def load(cls, path: Path) -> "DigitClassifier":
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: no classifier; the tiny/smoke `prepare` stage writes it")
+            raise MissingInput(f"{config_file}: no classifier; the tiny/smoke `prepare` stage writes it")
         config = json.loads(config_file.read_text())
         model = cls(resolution=config["resolution"], width=config["width"])
         model.load_state_dict(load_file(Path(path) / "model.safetensors"))

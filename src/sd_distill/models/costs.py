@@ -187,8 +187,8 @@ def describe(unet: UNet2DConditionModel, vae: AutoencoderKL | AutoencoderTiny, t
 def _compact(config: dict, variant: str) -> UNet2DConditionModel:
     try:
         compact = bk.compact_config(dict(config), variant)
-    except ValueError as exc:
-        raise UserError(f"--bk {variant}: {exc}") from None
+    except bk.VariantError as exc:
+        raise bk.VariantError(f"--bk {variant}: {exc}") from None
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(compact)
 

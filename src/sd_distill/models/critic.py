@@ -23,7 +23,12 @@ def deepest_geometry(config) -> tuple[int, int]:
     """(channels, side) of the deepest encoder feature of a ``UNet2DConditionModel`` config: every down block but the
     last halves the side (diffusers' ``add_downsample = not is_final_block``); the mid block keeps the last width."""
     blocks = list(config["block_out_channels"])
-    side = int(config["sample_size"]) // 2 ** (len(blocks) - 1)
+    size, halvings = int(config["sample_size"]), len(blocks) - 1
+    side = size // 2 ** halvings
+    if side < 1:
+        raise UserError(f"dmd critic: sample_size {size} halved by {halvings} of the UNet's {len(blocks)} down blocks "
+                        f"(block_out_channels {blocks}) leaves a deepest feature {size / 2 ** halvings:g} latents "
+                        "wide, expected at least 1 for the critic head: a larger resolution, or fewer UNet stages")
     return blocks[-1], side
 
 

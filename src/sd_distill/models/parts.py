@@ -12,15 +12,16 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMSchedul
 from safetensors import SafetensorError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sd_distill.errors import UserError
-from sd_distill.params import BaseParams, DecoderArch, TeacherParams, TextArch, UnetArch, VaeArch
+from sd_distill.errors import MissingInput, UserError
+from sd_distill.params import BaseParams, DecoderArch, ParamsError, TeacherParams, TextArch, UnetArch, VaeArch
 
 
 def pick_device(base: BaseParams) -> str:
     if base.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if base.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device=cuda but no CUDA device is visible; set base.device=cpu or auto")
+        raise ParamsError("base.device: cuda, but no CUDA device is visible (torch.cuda.is_available() is False); "
+                          "set base.device=cpu or auto")
     return base.device
 
 
@@ -72,7 +73,8 @@ def build_tiny_autoencoder(vae_config: dict, arch: DecoderArch) -> AutoencoderTi
     dec = tuple(arch.decoder_blocks or (*TAESD_DECODER_BLOCKS[:-1][:inner], TAESD_DECODER_BLOCKS[-1]))
     for name, blocks in (("encoder_blocks", enc), ("decoder_blocks", dec)):
         if len(blocks) != stages:
-            raise ValueError(f"decoder.arch.{name}: expected {stages} entries (one per VAE stage), found {list(blocks)}")
+            raise ParamsError(f"decoder.arch.{name}: expected {stages} entries (one per stage of the VAE, whose "
+                              f"block_out_channels are {list(vae_config['block_out_channels'])}), found {list(blocks)}")
     return AutoencoderTiny(
         in_channels=3, out_channels=3,
         encoder_block_out_channels=(arch.channels,) * stages, decoder_block_out_channels=(arch.channels,) * stages,
@@ -170,7 +172,7 @@ PREDICTS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x"}
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
-class MissingModel(UserError, FileNotFoundError):
+class MissingModel(MissingInput):
     """A model folder, or a part of one, is not there; the message names it and the stage that writes it."""
 
 
@@ -323,6 +325,11 @@ def load_model(cls, folder: Path | str, producer: str):
         return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     except LOAD_ERRORS as exc:
         raise _load_error(folder, exc) from None
+
+
+def source_of(pipe) -> str:
+    """Where a loaded pipeline came from, as ``name_source`` recorded it (``vpred``), for error lines."""
+    return f"the input model ({pipe.name_or_path})" if getattr(pipe, "name_or_path", None) else "the input model"
 
 
 def name_source(pipe_or_model, name: str) -> None:

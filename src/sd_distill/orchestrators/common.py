@@ -25,11 +25,6 @@ from sd_distill.params import PROFILE_NAMES, SECTIONS
 
 log = logging.getLogger("sd_distill")
 
-# what `sd-distill run` exit statuses mean (sd_distill.errors); 2 and 3 are not retried
-EXIT_MEANINGS = {1: "crashed", 2: "bad params, input or model folder", 3: "training failed: NaN/Inf loss or out of "
-                 "memory at the smallest micro-batch", 75: "the stage is running elsewhere in this project",
-                 143: "stopped by SIGTERM with a checkpoint"}
-
 
 def terminated_exit_code(pod: Any, container: str) -> int | None:
     """The exit status of ``container`` in a finished pod (a ``kubernetes.client.V1Pod``); None if unknown."""

@@ -458,6 +458,9 @@ class EvaluateParams(Section):
         if self.suite == "digits" and self.prompt_sets:
             raise ValueError(f"prompt_sets {list(self.prompt_sets)} are scored by suite text-image; the digits suite "
                              "has its own prompts (set suite: text-image, or prompt_sets: [])")
+        if self.suite == "digits" and self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt is {self.samples_per_prompt}; the digits suite needs at least 2: its "
+                             "diversity is the distance between samples of the same prompt")
         return self
 
 

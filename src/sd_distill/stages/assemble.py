@@ -28,8 +28,8 @@ from diffusers import AutoencoderTiny
 
 from sd_distill.data.shards import iter_split
 from sd_distill.errors import UserError
-from sd_distill.models.parts import (ModelError, Needs, assemble, check_pipeline, load_model, load_pipeline,
-                                     name_source, pick_device)
+from sd_distill.models.parts import (MissingModel, ModelError, Needs, assemble, check_pipeline, load_model,
+                                     load_pipeline, name_source, pick_device)
 from sd_distill.params import AssembleParams
 from sd_distill.stages.halve import MODEL_CARD, check_card, teacher_needs
 
@@ -125,8 +125,8 @@ def build_student(source: str, source_dir, teacher_dir, decoder_dir, p: Assemble
     model = load_pipeline(source_dir, needs=needs)
     if p.decoder == "tiny":
         if not (decoder_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{decoder_dir}: no AutoencoderTiny folder (config.json); run `sd-distill run "
-                                    "decoder` first, or set assemble.decoder=full")
+            raise MissingModel(f"{decoder_dir}: no AutoencoderTiny folder (config.json); run `sd-distill run "
+                               "decoder` first, or set assemble.decoder=full")
         vae = load_model(AutoencoderTiny, decoder_dir, producer="decoder")
         name_source(vae, decoder_dir.name)
     else:

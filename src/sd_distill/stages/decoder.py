@@ -177,7 +177,8 @@ def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int, prefetch:
         idx = draw_indices(n, p.train.batch_size, gen)
         ahead, rows = prefetch.get(step, micro)
         if not torch.equal(ahead, idx):
-            raise RuntimeError(f"decoder: rows read ahead for step {step}, micro-batch {micro} differ from the draw")
+            raise RuntimeError(f"decoder: the rows read ahead for step {step}, micro-batch {micro} are not the ones "
+                               f"the loop drew (read ahead {ahead[:4].tolist()}…, drawn {idx[:4].tolist()}…)")
         mean, std = rows["posterior"][:, 0].float(), rows["posterior"][:, 1].float()
         sample = mean + std * torch.randn(mean.shape, generator=gen)
         z = sf * sample + p.latent_noise * torch.randn(sample.shape, generator=gen)

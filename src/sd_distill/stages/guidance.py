@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
 from sd_distill.losses import Denoising
-from sd_distill.models.parts import Needs, frozen, load_pipeline, pick_device
+from sd_distill.models.parts import ModelError, Needs, frozen, load_pipeline, pick_device, source_of
 from sd_distill.params import BaseParams, GuidanceParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
@@ -30,7 +30,8 @@ def with_guidance_input(unet: UNet2DConditionModel, dim: int) -> UNet2DCondition
     student = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
-        raise RuntimeError(f"guidance: weight copy mismatch, missing={missing} unexpected={unexpected}")
+        raise RuntimeError(f"guidance: weight copy mismatch: missing={missing} unexpected={unexpected}, expected "
+                           "missing=['time_embedding.cond_proj.weight'] unexpected=[]")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student
 
@@ -38,11 +39,13 @@ def with_guidance_input(unet: UNet2DConditionModel, dim: int) -> UNet2DCondition
 def distill_guidance(pipe, latents, p: GuidanceParams, base: BaseParams, work, *, resume: bool = False,
                      on_metrics: MetricsFn | None = None):
     """Train the w-conditioned student of ``pipe`` (a v-prediction pipeline); returns the new pipeline."""
-    if pipe.scheduler.config.prediction_type != "v_prediction":
-        raise ValueError("guidance: the input model must predict v (run the vpred stage first), found "
-                         f"{pipe.scheduler.config.prediction_type!r}")
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        raise ValueError("guidance: the input UNet already has a guidance input (time_cond_proj_dim)")
+    found, dim = pipe.scheduler.config.prediction_type, pipe.unet.config.time_cond_proj_dim
+    if found != "v_prediction":
+        raise ModelError(f"guidance: {source_of(pipe)} must predict v: its scheduler's prediction_type is {found!r}, "
+                         "expected 'v_prediction'; `sd-distill run vpred` writes such a model")
+    if dim is not None:
+        raise ModelError(f"guidance: {source_of(pipe)} already has a guidance input: its UNet's time_cond_proj_dim is "
+                         f"{dim}, expected null; `sd-distill run vpred` writes such a model")
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
     T = pipe.scheduler.config.num_train_timesteps
     device = pick_device(base)

@@ -32,7 +32,7 @@ from sd_distill.data import latents as latent_data
 from sd_distill.errors import UserError
 from sd_distill.losses import Denoising, SnapFusionDistillation
 from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
-                                    read_config)
+                                    read_config, source_of)
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
@@ -74,11 +74,12 @@ def distill_round(pipe, latents, student_steps: int, teacher_steps: int, p: Halv
     config = pipe.scheduler.config
     guided_input = pipe.unet.config.time_cond_proj_dim is not None
     if config.prediction_type != "v_prediction":
-        raise ValueError(f"halve: the teacher must be a v-prediction model, found {config.prediction_type!r}")
+        raise ModelError(f"halve: the teacher, {source_of(pipe)}, must predict v: its scheduler's prediction_type is "
+                         f"{config.prediction_type!r}, expected 'v_prediction'")
     if guided_input and p.loss == "cfg_aware":
         raise UserError(CFG_AWARE_IN_DAG)
     if teacher_steps % student_steps:
-        raise ValueError(f"halve: teacher steps {teacher_steps} are not a multiple of student steps {student_steps}")
+        raise ValueError(f"halve: teacher_steps={teacher_steps} is not a multiple of student_steps={student_steps}")
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
     T = config.num_train_timesteps
     grid = student_timesteps(pipe.scheduler, student_steps)

@@ -25,10 +25,10 @@ from diffusers import UNet2DConditionModel
 
 from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
-from sd_distill.errors import UserError
 from sd_distill.losses import BKDistillation
 from sd_distill.models import bk
-from sd_distill.models.parts import Needs, check_pipeline, frozen, load_pipeline, pick_device
+from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
+                                    source_of)
 from sd_distill.params import BaseParams, PruneParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
@@ -43,9 +43,9 @@ def compact_unet(parent: UNet2DConditionModel, variant: str) -> tuple[UNet2DCond
     """The variant's compact UNet with every kept block copied from ``parent``; also the copy report."""
     try:
         config = bk.compact_config(dict(parent.config), variant)
-    except ValueError as exc:
-        raise UserError(f"prune.variant={variant}: {exc}; the parent UNet cannot lose these blocks "
-                        "(choose another variant, or none)") from None
+    except bk.VariantError as exc:
+        raise bk.VariantError(f"prune.variant={variant}: {exc}; the parent UNet cannot lose these blocks "
+                              "(choose another variant, or none)") from None
     student = UNet2DConditionModel.from_config(config)
     with torch.no_grad():
         report = bk.copy_kept_weights(student, parent, variant)
@@ -79,8 +79,12 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
                     on_metrics: MetricsFn | None = None):
     """Train the ``p.variant`` compact UNet of ``pipe`` (the guided model); returns (pipeline, summary)."""
     config = pipe.scheduler.config
-    if config.prediction_type != "v_prediction" or pipe.unet.config.time_cond_proj_dim is None:
-        raise ValueError("prune: the parent must be the guided (w-conditioned v-prediction) model")
+    dim = pipe.unet.config.time_cond_proj_dim
+    if config.prediction_type != "v_prediction" or dim is None:
+        raise ModelError(f"prune: {source_of(pipe)} must be the guided model (w-conditioned, predicting v): its "
+                         f"scheduler's prediction_type is {config.prediction_type!r} and its UNet's time_cond_proj_dim "
+                         f"is {dim}, expected 'v_prediction' and an integer; `sd-distill run guidance` writes such a "
+                         "model")
     schedule = diffusion.Schedule.from_scheduler(pipe.scheduler)
     device = pick_device(base)
     student, copy_report = compact_unet(pipe.unet, p.variant)  # copied from the fp32 weights, before the cast
