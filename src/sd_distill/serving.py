@@ -22,7 +22,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-MODEL_CARD = "distill.json"  # = sd_distill.stages.halve.MODEL_CARD (not imported: that module imports torch)
+from sd_distill.names import MODEL_CARD
+
 DEFAULT_STEPS = 1
 DEFAULT_GUIDANCE = 7.5
 EXAMPLE_PROMPT = "a handwritten digit seven"
