@@ -41,6 +41,15 @@ def test_bk_sdm_unet_parameters_match_the_published_configs(variant):
     assert n == pytest.approx(BK_SDM_UNET_PARAMETERS[variant], rel=1e-3)
 
 
+def test_parameter_counts_take_shared_weights_once_and_can_count_only_the_trained_ones():
+    shared = torch.nn.Linear(3, 2)  # 6 weights + 2 biases
+    model = torch.nn.Sequential(shared, torch.nn.Linear(2, 5), shared)  # + 10 + 5
+    assert costs.count_parameters(model) == 8 + 15 and costs.count_parameters(None) == 0
+    model[1].requires_grad_(False)
+    assert costs.count_parameters(model, trainable_only=True) == 8
+    assert costs.count_parameters(model) == 8 + 15
+
+
 def test_bk_sdm_variants_get_smaller_in_order():
     counts = [costs.count_parameters(meta_unet(v)) for v in ("none", "base", "small", "tiny")]
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == 4

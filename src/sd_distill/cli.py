@@ -97,11 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="trainer image every component runs (default: the release's)")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date, write nothing")
 
+    from sd_distill.names import MODEL_CARD
+
     p = sub.add_parser("sample", help="sample one image from a diffusers model folder")
     p.add_argument("model_dir", type=Path, help="a StableDiffusionPipeline folder, e.g. models/teacher")
     p.add_argument("--prompt", required=True)
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: the student's own count from distill.json, else 64)")
+                   help=f"sampling steps (default: the student's own count from {MODEL_CARD}, else 64)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale, 1 disables (default 7.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("sample.png"), help="PNG to write (default sample.png)")
@@ -276,9 +278,10 @@ def cmd_sample(args) -> int:
     from PIL import Image
 
     from sd_distill.models.parts import load_pipeline
+    from sd_distill.names import MODEL_CARD
 
     pipe = load_pipeline(args.model_dir)
-    card = args.model_dir / "distill.json"
+    card = args.model_dir / MODEL_CARD
     steps = args.steps or (json.loads(card.read_text())["num_inference_steps"] if card.is_file() else 64)
     image = pipe(args.prompt, num_inference_steps=steps, guidance_scale=args.guidance,
                  generator=torch.Generator().manual_seed(args.seed)).images[0]

@@ -26,7 +26,7 @@ from sd_distill.models import bk, costs, parts
 from sd_distill.models import critic as critic_lib
 from sd_distill.params import HALVING_STEPS, Params, TrainParams
 from sd_distill.training.memory import (HALF, HEADROOM, _plain, estimate, module_bytes, saved_bytes, tiny_activations,
-                                        trained_parameters, unet_activations, unet_stage_memory)
+                                        unet_activations, unet_stage_memory)
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,10 @@ def arch_of(params: Params) -> costs.Arch:
                 max_position_embeddings=t.text_encoder.max_length, vocab_size=2 * 256 + 2,
                 projection_dim=t.text_encoder.hidden_size)
     return costs.Arch(f"{params.profile} profile", _plain(unet.config), _plain(vae.config), text)
+
+
+def _trained(*modules: torch.nn.Module | None) -> int:
+    return sum(parts.count_parameters(m, trainable_only=True) for m in modules)
 
 
 def _row(name: str, tp: TrainParams, per: float, what: str, mem: dict | None, other: int | None) -> dict:
@@ -151,7 +155,7 @@ def _stage_rows(params: Params, m: _Models, f: dict, resolution: int, latent: in
         t = params.teacher
         with torch.device("meta"):
             image = torch.zeros(1, 3, resolution, resolution)
-            mem = (estimate(trained_parameters(m.vae), 0, t.vae_train, precision,
+            mem = (estimate(_trained(m.vae), 0, t.vae_train, precision,
                           saved_bytes(lambda: m.vae(image), m.vae, checkpointing=t.vae_train.gradient_checkpointing,
                                       precision=precision)) if with_memory else None)
         rows.append(_row("teacher/vae", t.vae_train, 3 * (f["vae_encoder"] + f["vae_decoder"]), "3 x VAE", mem,
@@ -180,8 +184,7 @@ def _stage_rows(params: Params, m: _Models, f: dict, resolution: int, latent: in
     mem = None
     if with_memory:
         acts = tiny_activations(m.tiny, resolution, d.arch.channels if m.critic is not None else None, precision)
-        mem = estimate(trained_parameters(m.tiny) + (trained_parameters(m.critic) if m.critic else 0),
-                     module_bytes(m.vae), d.train, precision, acts)
+        mem = estimate(_trained(m.tiny, m.critic), module_bytes(m.vae), d.train, precision, acts)
     rows.append(_row("decoder", d.train, f["vae_decoder"] + 3 * f["tiny"] + 9 * f["critic"],
                      "full decode + 3 x tiny decode and encode" + (" + 3 x 3 critic" if m.critic else ""), mem, None))
     return rows
@@ -211,8 +214,7 @@ def _dmd_row(params: Params, m: _Models, f: dict, latent: int, seq: int, with_me
         ck = p.train.gradient_checkpointing
         acts = unet_activations(m.pruned.config, latent, seq, ck, precision) + 2 * unet_activations(
             fake.config, latent, seq, ck, precision)  # the generator's graph, the fake's and the critic's
-        mem = estimate(trained_parameters(m.pruned) + trained_parameters(fake) + trained_parameters(head),
-                       module_bytes(*frozen(real), m.text), p.train, precision, acts)
+        mem = estimate(_trained(m.pruned, fake, head), module_bytes(*frozen(real), m.text), p.train, precision, acts)
         other = unet_activations(m.pruned.config, latent, seq, not ck, precision) + 2 * unet_activations(
             fake.config, latent, seq, not ck, precision)
     return _row("dmd", p.train, per, what, mem, other)

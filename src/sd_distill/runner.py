@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sd_distill import __version__, registry, tracking
-from sd_distill.data.shards import sha256_file
 from sd_distill.errors import MissingInput, StageBusy, UserError
+from sd_distill.hashing import tree_hash
+from sd_distill.names import PARAMS_RECORD
 from sd_distill.params import Params
 
 log = logging.getLogger("sd_distill")
@@ -76,23 +77,10 @@ def _publish(stage: str, staged: dict[str, Path], finals: dict[str, Path], recor
                                f"exist (it publishes to {finals[role]})")
     for path in staged.values():
         if path.is_dir():
-            (path / RECORD).write_text(json.dumps(record, indent=2))
+            (path / PARAMS_RECORD).write_text(json.dumps(record, indent=2))
     for role, path in staged.items():
         _remove(finals[role])
         path.rename(finals[role])
-
-
-RECORD = "params.resolved.json"  # the stage's resolved params section, in every output folder
-
-
-def tree_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's relative paths and file hashes (the params record left out)."""
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for f in sorted(q for q in path.rglob("*") if q.is_file() and q.name != RECORD):
-        digest.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
-    return digest.hexdigest()
 
 
 def run_key(stage: registry.Stage, section: dict, inputs: dict[str, Path]) -> str:

@@ -23,8 +23,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from sd_distill.errors import MissingInput
+from sd_distill.names import MODEL_CARD
 
-MODEL_CARD = "distill.json"  # = sd_distill.stages.halve.MODEL_CARD (not imported: that module imports torch)
 DEFAULT_STEPS = 1
 DEFAULT_GUIDANCE = 7.5
 EXAMPLE_PROMPT = "a handwritten digit seven"

@@ -33,10 +33,10 @@ from pathlib import Path
 from sd_distill.bench.arch import (COMPOSED, DECODERS, FINAL, FLOP_TARGET, REFERENCE, UNETS, call_rows, compose,
                                    count_arch, measure_arch, run_arch)
 from sd_distill.bench.models import equal_quality, run_models
-from sd_distill.bench.timing import (NO_PARAMS_FILE, PEAK_TFLOPS, CpuTimer, CudaTimer, FakeTimer, Measurement, Options,
-                                     Session, _vae_factor, measure, peak_tflops)
+from sd_distill.bench.timing import NO_PARAMS_FILE, PEAK_TFLOPS, Measurement, Options, Session, _vae_factor, peak_tflops
 from sd_distill.bench.train import project_sd15, run_train
 from sd_distill.errors import UserError
+from sd_distill.timing import CpuTimer, CudaTimer, FakeTimer, measure, timer_for
 
 __all__ = ["COMPOSED", "DECODERS", "FINAL", "FLOP_TARGET", "PEAK_TFLOPS", "REFERENCE", "UNETS", "CpuTimer", "CudaTimer",
            "FakeTimer", "Measurement", "Options", "Session", "add_arguments", "call_rows", "compose", "count_arch",
@@ -255,7 +255,7 @@ def main(args) -> int:
     if not args.project.is_dir():
         raise UserError(f"--project: {args.project} is not a folder")
     out = args.out or args.project / "reports"
-    session = Session(CudaTimer() if o.device == "cuda" else CpuTimer(), args.warmup, args.repeats)
+    session = Session(timer_for(o.device), args.warmup, args.repeats)
     result = run(session, o, parts, args.project, train_shapes=shapes, train_batch=args.train_batch, mfu=args.mfu)
     text = render(result)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ def run_models(session: Session, o: Options, project: Path, params) -> dict:
 
     from sd_distill.data.sources import DIGIT_WORDS
     from sd_distill.models.parts import load_pipeline
+    from sd_distill.names import MODEL_CARD
     from sd_distill.stages.evaluate import Candidate, with_solver
-    from sd_distill.stages.halve import MODEL_CARD
 
     p = params.evaluate
     metrics_file = project / "reports" / "metrics.json"

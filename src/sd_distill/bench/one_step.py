@@ -80,7 +80,7 @@ class Project:
 
     def score(self, pipe, steps: int) -> dict:
         """``evaluate``'s figures for ``pipe`` at ``steps`` (quality, UNet calls, latency, parameters)."""
-        from sd_distill.models.costs import count_parameters
+        from sd_distill.models.parts import count_parameters
         from sd_distill.stages import evaluate
 
         p = self.params.evaluate
@@ -218,6 +218,7 @@ def snapfusion_students(project: Project, work: Path) -> tuple[dict[int, Path], 
     reused when their card records the same params."""
     from sd_distill.data import latents as latent_data
     from sd_distill.models.parts import Needs, load_pipeline, pick_device
+    from sd_distill.names import MODEL_CARD
     from sd_distill.params import HALVING_STEPS
     from sd_distill.stages import halve
 
@@ -232,7 +233,7 @@ def snapfusion_students(project: Project, work: Path) -> tuple[dict[int, Path], 
     teacher_steps = 2 * HALVING_STEPS[0]
     for n in HALVING_STEPS:
         folder = work / "snapfusion" / f"steps-{n}"
-        card = folder / halve.MODEL_CARD
+        card = folder / MODEL_CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe") == recipe:
             pipe = load_pipeline(folder, needs=needs)
         else:

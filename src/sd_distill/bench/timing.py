@@ -1,13 +1,14 @@
-"""Timing for ``sd-distill bench``: timers (CPU, CUDA, fake), measurements and the run's session, device peaks,
-and the helpers every part shares (options, dtype, module preparation, FLOP counting)."""
+"""Timing for ``sd-distill bench``: measurements and the run's session (its timers are ``sd_distill.timing``'s),
+device peaks, and the helpers every part shares (options, dtype, module preparation, FLOP counting)."""
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from sd_distill.timing import measure
 
 NO_PARAMS_FILE = Path("/nonexistent/params.yaml")  # ``resolve(..., profile=...)`` then gives the bare preset
 
@@ -24,63 +25,6 @@ PEAK_TFLOPS = (
 )
 def peak_tflops(device_name: str, dtype: str) -> float | None:
     return next((peaks[dtype] for key, peaks in PEAK_TFLOPS if key in device_name), None)
-
-
-# --------------------------------------------------------------------------- timers
-class CpuTimer:
-    """Wall seconds of ``fn()`` by ``time.perf_counter``."""
-
-    name = "time.perf_counter"
-
-    def time(self, fn: Callable[[], object], label: str) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-
-class CudaTimer:
-    """Seconds between two CUDA events around ``fn()``; synchronizes before and before reading them."""
-
-    name = "torch.cuda.Event"
-
-    def time(self, fn: Callable[[], object], label: str) -> float:
-        import torch
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-
-class FakeTimer:
-    """For tests: runs ``fn`` (unless ``run=False``), returns the next of ``seconds[label]`` (cycled) or
-    ``seconds(label)``, and keeps every (label, seconds) it returned in ``calls``."""
-
-    name = "fake"
-
-    def __init__(self, seconds: Mapping[str, Sequence[float]] | Callable[[str], float], run: bool = True):
-        self.seconds, self.run, self.calls = seconds, run, []
-
-    def time(self, fn: Callable[[], object], label: str) -> float:
-        if self.run:
-            fn()
-        if callable(self.seconds):
-            s = self.seconds(label)
-        else:
-            done = sum(1 for seen, _ in self.calls if seen == label)
-            s = self.seconds[label][done % len(self.seconds[label])]
-        self.calls.append((label, s))
-        return s
-
-
-def measure(fn: Callable[[], object], warmup: int, repeats: int, timer, label: str = "") -> list[float]:
-    """Seconds of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return [timer.time(fn, label) for _ in range(repeats)]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ webdataset reader can stream it too.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sd_distill.errors import MissingInput, UserError
+from sd_distill.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -52,14 +52,6 @@ class Split:
         if not self.meta or "label" not in self.meta[0]:
             raise KeyError("these prepared data carry no 'label' (only the digits source has labels)")
         return np.array([m["label"] for m in self.meta], dtype=np.int64)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sd_distill.data.shards import sha256_file
 from sd_distill.errors import UserError
+from sd_distill.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1

@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from sd_distill.errors import UserError
 from sd_distill.models import bk
-from sd_distill.models.parts import build_tiny_autoencoder, load_pipeline
+from sd_distill.models.parts import build_tiny_autoencoder, count_parameters, load_pipeline
 from sd_distill.params import DecoderArch
 
 # runwayml/stable-diffusion-v1-5, unet/config.json
@@ -104,10 +104,6 @@ ATTENTION_OPS = frozenset({
     torch.ops.aten._scaled_dot_product_cudnn_attention, torch.ops.aten._flash_attention_forward,
     torch.ops.aten._efficient_attention_forward,
 })
-
-
-def count_parameters(module: torch.nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
 def _macs(call) -> dict[str, int]:

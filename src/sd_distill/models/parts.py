@@ -42,6 +42,14 @@ def frozen(module: torch.nn.Module, device: str, mixed_precision: str) -> torch.
     return torch.nn.Module.to(module, dtype)
 
 
+def count_parameters(module: torch.nn.Module | None, trainable_only: bool = False) -> int:
+    """Parameters of ``module`` (shared ones once; 0 for None); ``trainable_only``: those that require grad. Here
+    rather than in ``models.costs`` so that a stage counting its model does not depend on MAC counting."""
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
 def build_vae(arch: VaeArch) -> AutoencoderKL:
     n = len(arch.block_out_channels)
     return AutoencoderKL(

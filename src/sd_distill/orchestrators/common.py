@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_distill import registry
+from sd_distill.hashing import file_hashes, sha256_file
 from sd_distill.params import PROFILE_NAMES, SECTIONS
 
 log = logging.getLogger("sd_distill")
@@ -153,13 +154,12 @@ def fingerprint(stage: registry.Stage, workdir: Path, upstream: list[str]) -> st
         h.update(f"upstream {up}\n".encode())
     for role, rel in sorted(stage.produced.items()):
         path = workdir / rel
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-            h.update(f"{role} {f.relative_to(workdir)} {digest.hexdigest()}\n".encode())
+        if path.is_dir():
+            files = [((path / name).relative_to(workdir), digest) for name, digest in file_hashes(path)]
+        else:
+            files = [(path.relative_to(workdir), sha256_file(path))]
+        for name, digest in files:
+            h.update(f"{role} {name} {digest}\n".encode())
     return h.hexdigest()
 
 

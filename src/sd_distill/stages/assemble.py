@@ -28,10 +28,11 @@ from diffusers import AutoencoderTiny
 
 from sd_distill.data.shards import iter_split
 from sd_distill.errors import UserError
-from sd_distill.models.parts import (MissingModel, ModelError, Needs, assemble, check_pipeline, load_model,
-                                     load_pipeline, name_source, pick_device)
+from sd_distill.models.parts import (MissingModel, ModelError, Needs, assemble, check_pipeline, count_parameters,
+                                     load_model, load_pipeline, name_source, pick_device)
+from sd_distill.names import MODEL_CARD
 from sd_distill.params import AssembleParams
-from sd_distill.stages.halve import MODEL_CARD, check_card, teacher_needs
+from sd_distill.stages.halve import check_card, teacher_needs
 
 log = logging.getLogger(__name__)
 ONE_STEP = ("dmd", "steps-1")  # auto's candidates, in the order a tie is broken
@@ -137,8 +138,8 @@ def build_student(source: str, source_dir, teacher_dir, decoder_dir, p: Assemble
         "decoder": p.decoder,
         "decoder_class": type(vae).__name__,
         "guidance_scale": p.guidance,
-        "unet_parameters": sum(t.numel() for t in pipe.unet.parameters()),
-        "decoder_parameters": sum(t.numel() for t in vae.decoder.parameters()),
+        "unet_parameters": count_parameters(pipe.unet),
+        "decoder_parameters": count_parameters(vae.decoder),
         "unet": str(source_dir.name),
         "source": source,
     })

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -41,8 +40,9 @@ from sd_distill.data.shards import PreparedImages, iter_split
 from sd_distill.data.store import LatentsError, LatentStore, check_models
 from sd_distill.losses import DecoderDistillation, HingeGAN
 from sd_distill.models import parts
-from sd_distill.models.parts import pick_device
+from sd_distill.models.parts import count_parameters, pick_device
 from sd_distill.params import BaseParams, DecoderParams
+from sd_distill.timing import measure, timer_for
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
@@ -75,22 +75,11 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _median_seconds(fn, device: str) -> float:
-    def once() -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(TIMING_WARMUP):
-        once()
-    return statistics.median(once() for _ in range(TIMING_REPEATS))
+    return statistics.median(measure(fn, TIMING_WARMUP, TIMING_REPEATS, timer_for(device)))
 
 
 def _count(*modules: torch.nn.Module | None) -> int:
-    return sum(t.numel() for m in modules if m is not None for t in m.parameters())
+    return sum(count_parameters(m) for m in modules)
 
 
 @torch.no_grad()
@@ -205,7 +194,7 @@ def distill_decoder(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int, prefetch:
     def memory_needed():
         acts = memory.tiny_activations(tiny, resolution or vae.config.sample_size,
                                        p.arch.channels if critic is not None else None, base.mixed_precision)
-        return memory.estimate(memory.trained_parameters(model), memory.module_bytes(vae), p.train,
+        return memory.estimate(count_parameters(model, trainable_only=True), memory.module_bytes(vae), p.train,
                                base.mixed_precision, acts)
 
     trained = train(model, loss_fn, batch_fn, p.train, work, seed=base.seed, resume=resume,

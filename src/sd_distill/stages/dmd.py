@@ -33,9 +33,11 @@ from sd_distill.data import latents as latent_data
 from sd_distill.errors import UserError
 from sd_distill.losses import Denoising, DiscriminatorGAN, DistributionMatching, GeneratorGAN
 from sd_distill.models import critic as critic_lib
-from sd_distill.models.parts import Needs, check_pipeline, frozen, load_pipeline, pick_device, read_config
+from sd_distill.models.parts import (Needs, check_pipeline, count_parameters, frozen, load_pipeline, pick_device,
+                                     read_config)
+from sd_distill.names import MODEL_CARD
 from sd_distill.params import BaseParams, DMDParams
-from sd_distill.stages.halve import MODEL_CARD, check_card, student_timesteps, teacher_needs
+from sd_distill.stages.halve import check_card, student_timesteps, teacher_needs
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
@@ -220,8 +222,9 @@ def refine(generator_pipe, real_unet, fake_unet, latents, p: DMDParams, base: Ba
         latent, seq = generator.config.sample_size, latents.uncond.shape[0]
         acts = sum(k * memory.unet_activations(m.config, latent, seq, p.train.gradient_checkpointing,
                                                base.mixed_precision) for k, m in ((1, generator), (2, fake_unet)))
-        return memory.estimate(memory.trained_parameters(nets), memory.module_bytes(real, generator_pipe.text_encoder),
-                               p.train, base.mixed_precision, acts)
+        return memory.estimate(count_parameters(nets, trainable_only=True),
+                               memory.module_bytes(real, generator_pipe.text_encoder), p.train, base.mixed_precision,
+                               acts)
 
     nets = train(nets.train(), objective, lambda step, micro, gen: draw(latents, p, T, step, micro, gen), p.train,
                  work, seed=base.seed, resume=resume, mixed_precision=base.mixed_precision, cpu=device == "cpu",

@@ -12,7 +12,7 @@ checked against the extractor, images and resolution used here): no array of all
 running sums and the grid's tiles, so 30,000 images per set need no more memory than 1,000. Each model also gets
 UNet calls per image, UNet and decoder parameters and MACs (``models.costs``, attention matmuls included),
 throughput at the evaluation batch, and latency: the median time of one image at batch 1 over
-``latency_repeats`` runs after ``latency_warmup`` (CUDA: synchronized, with peak memory).
+``latency_repeats`` runs after ``latency_warmup`` (``sd_distill.timing``; CUDA: CUDA events, with peak memory).
 
 Writes ``reports/metrics.json`` (DVC metrics), ``reports/quality_vs_steps.csv`` and ``reports/pareto.csv`` (DVC
 plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_steps``, the assembled student; columns:
@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 from sd_distill import report
 from sd_distill.models.costs import describe
 from sd_distill.models.parts import load_pipeline, pick_device
+from sd_distill.names import MODEL_CARD
 from sd_distill.params import EvaluateParams
 from sd_distill.scoring import DigitSuite, TextImageSuite
-from sd_distill.stages.halve import MODEL_CARD
 from sd_distill.stages.reference import Reference, output_side
+from sd_distill.timing import Timer, measure, timer_for
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +134,21 @@ def score(pipe, suite, p: EvaluateParams, steps: int, calls: int) -> tuple[dict,
 
 
 @torch.no_grad()
-def latency(pipe, prompt: str, steps: int, guidance: float, p: EvaluateParams) -> dict:
-    """Median seconds of one image (batch 1, decode included) after a warm-up; CUDA: synchronized, peak memory."""
+def latency(pipe, prompt: str, steps: int, guidance: float, p: EvaluateParams, timer: Timer | None = None) -> dict:
+    """Median milliseconds of one image (batch 1, decode included) after a warm-up, by ``timer`` (default the
+    device's: CUDA events on CUDA); CUDA: also the peak memory of the timed runs."""
     cuda = pipe.device.type == "cuda"
+    timer = timer if timer is not None else timer_for(pipe.device)
 
-    def once() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def once() -> None:
         pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
              generator=torch.Generator().manual_seed(0), output_type="np")
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     for _ in range(p.latency_warmup):
         once()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = [once() for _ in range(p.latency_repeats)]
+    times = measure(once, 0, p.latency_repeats, timer, "latency")
     return {"latency_ms": float(np.median(times)) * 1e3, "latency_repeats": len(times),
             "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 

@@ -33,12 +33,12 @@ from sd_distill.errors import UserError
 from sd_distill.losses import Denoising, SnapFusionDistillation
 from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
                                     read_config, source_of)
+from sd_distill.names import MODEL_CARD
 from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
 log = logging.getLogger(__name__)
-MODEL_CARD = "distill.json"
 
 
 def student_timesteps(scheduler, steps: int) -> torch.Tensor:

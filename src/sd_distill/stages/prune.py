@@ -27,8 +27,9 @@ from sd_distill import diffusion
 from sd_distill.data import latents as latent_data
 from sd_distill.losses import BKDistillation
 from sd_distill.models import bk
-from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
-                                    source_of)
+from sd_distill.models.parts import (ModelError, Needs, check_pipeline, count_parameters, frozen, load_pipeline,
+                                     pick_device, source_of)
+from sd_distill.names import PARAMS_RECORD
 from sd_distill.params import BaseParams, PruneParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
@@ -125,8 +126,7 @@ def distill_compact(pipe, latents, p: PruneParams, base: BaseParams, work, *, re
     finally:
         parent_tap.close()
         student_tap.close()
-    summary = {"parent_parameters": sum(t.numel() for t in parent.parameters()),
-               "unet_parameters": sum(t.numel() for t in student.parameters()),
+    summary = {"parent_parameters": count_parameters(parent), "unet_parameters": count_parameters(student),
                "copied_tensors": len(copy_report["copied"]), "fresh_tensors": len(copy_report["fresh"]),
                "kd_stages": len(pairs)}
     pipe.unet = student.cpu()
@@ -138,8 +138,8 @@ def main(ctx) -> None:
     out = ctx.outputs["model"]
     check_pipeline(ctx.inputs["guided"], NEEDS)
     if p.variant == "none":
-        shutil.copytree(ctx.inputs["guided"], out, ignore=shutil.ignore_patterns("params.resolved.json"))
-        n = sum(t.numel() for t in load_pipeline(out).unet.parameters())
+        shutil.copytree(ctx.inputs["guided"], out, ignore=shutil.ignore_patterns(PARAMS_RECORD))
+        n = count_parameters(load_pipeline(out).unet)
         summary = {"parent_parameters": n, "unet_parameters": n}
     else:
         pipe = load_pipeline(ctx.inputs["guided"], needs=NEEDS)

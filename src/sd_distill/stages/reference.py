@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sd_distill.data.shards import iter_split, read_manifest, sha256_file, split_rows
+from sd_distill.data.shards import iter_split, read_manifest, split_rows
 from sd_distill.errors import UserError
+from sd_distill.hashing import sha256_file
 from sd_distill.models.parts import pick_device, read_config
 from sd_distill.params import ReferenceParams
 from sd_distill.scoring import (DIGIT_FEATURES, INCEPTION_FILE, Spread, coco_captions, fid_metric, load_image,

@@ -25,16 +25,17 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from sd_distill.data.shards import MANIFEST, sha256_file  # the manifest holds every shard's sha256
+from sd_distill.data.shards import MANIFEST  # the manifest holds every shard's sha256
 from sd_distill.errors import UserError
+from sd_distill.hashing import file_hashes, sha256_file
+from sd_distill.names import MODEL_CARD, PARAMS_RECORD
 from sd_distill.params import GateBound, RegisterParams
-from sd_distill.serving import MODEL_CARD, log_student, read_card
+from sd_distill.serving import log_student, read_card
 
 log = logging.getLogger(__name__)
 
 TAG = "sd_distill."
 KEY_TAG = TAG + "key"
-RECORD_FILE = "params.resolved.json"  # written by the runner into every output folder: a record, not the model
 
 
 class MissingMetric(UserError, KeyError):
@@ -121,11 +122,6 @@ def student_row(metrics_path: Path, student_dir: Path) -> tuple[str, dict]:
     return name, models[name]
 
 
-def _file_hashes(folder: Path) -> list[tuple[str, str]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RECORD_FILE)
-    return [(path.relative_to(folder).as_posix(), sha256_file(path)) for path in files]
-
-
 def registration_key(data_dir: Path, student_dir: Path, row: Mapping, p: RegisterParams) -> str:
     """sha256 over what a registration depends on.
 
@@ -135,11 +131,11 @@ def registration_key(data_dir: Path, student_dir: Path, row: Mapping, p: Registe
     decision reads, so re-timing the same model (``seconds_per_image``) is no new version. And the params.
     """
     manifest = Path(data_dir) / MANIFEST
-    data = [(MANIFEST, sha256_file(manifest))] if manifest.is_file() else _file_hashes(Path(data_dir))
+    data = [(MANIFEST, sha256_file(manifest))] if manifest.is_file() else file_hashes(data_dir, {PARAMS_RECORD})
     metrics = sorted({b.metric for b in p.gate} | {p.primary_metric})
     body = {
         "data": data,
-        "student": _file_hashes(Path(student_dir)),
+        "student": file_hashes(student_dir, {PARAMS_RECORD}),
         "metrics": {m: row.get(m) for m in metrics},
         "params": p.model_dump(mode="json"),
     }

@@ -20,7 +20,7 @@ from sd_distill.data.shards import Split, read_split
 from sd_distill.diffusion import Schedule
 from sd_distill.losses import MinSNRDenoising, VAELoss
 from sd_distill.models import parts
-from sd_distill.models.parts import pick_device
+from sd_distill.models.parts import count_parameters, pick_device
 from sd_distill.models.tokenizer import build_tokenizer
 from sd_distill.params import BaseParams, TeacherParams
 from sd_distill.training.loop import MetricsFn, train
@@ -121,6 +121,6 @@ def main(ctx) -> None:
         pipe = train_teacher(train_split, p, ctx.params.base, ctx.work, resume=ctx.resume,
                              on_metrics=ctx.log_metrics)
     pipe.save_pretrained(ctx.outputs["model"], safe_serialization=True)
-    ctx.summary["unet_parameters"] = sum(t.numel() for t in pipe.unet.parameters())
-    ctx.summary["vae_parameters"] = sum(t.numel() for t in pipe.vae.parameters())
-    ctx.summary["text_encoder_parameters"] = sum(t.numel() for t in pipe.text_encoder.parameters())
+    ctx.summary["unet_parameters"] = count_parameters(pipe.unet)
+    ctx.summary["vae_parameters"] = count_parameters(pipe.vae)
+    ctx.summary["text_encoder_parameters"] = count_parameters(pipe.text_encoder)

@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from sd_distill.data.shards import sha256_file
 from sd_distill.errors import UserError
+from sd_distill.hashing import file_hashes, sha256_file
 
 _COMPLETE = "COMPLETE"
 
@@ -126,7 +126,7 @@ def save_checkpoint(acc: Accelerator, workdir: Path, state: LoopState, ema: EMAM
         pickled.unlink()
     save_loop_state(tmp, state, ema)
     (tmp / "train_params.json").write_text(fingerprint)
-    files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    files = dict(file_hashes(tmp))
     for name in files:
         _fsync(tmp / name)
     (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": files}, indent=1))

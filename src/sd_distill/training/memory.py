@@ -26,7 +26,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 
 from sd_distill.errors import UserError
-from sd_distill.models.parts import patch_discriminator
+from sd_distill.models.parts import count_parameters, patch_discriminator
 from sd_distill.params import TrainParams
 
 HEADROOM = 0.10  # of the GPU's memory, left for what the estimate leaves out; no published figure: a common margin
@@ -191,10 +191,6 @@ def module_bytes(*modules: torch.nn.Module | None) -> int:
                for t in (*m.parameters(), *m.buffers()))
 
 
-def trained_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def estimate(trained: int, frozen_bytes: int, p: TrainParams, precision: str, activations_per_sample: int) -> dict:
     """GPU bytes of a training stage, by part: ``trained`` parameters, frozen models of ``frozen_bytes``, a
     micro-batch of ``p.batch_size`` samples of ``activations_per_sample``."""
@@ -214,7 +210,7 @@ def unet_stage_memory(trained: UNet2DConditionModel, frozen: Sequence[torch.nn.M
                       precision: str, latent: int, seq_len: int) -> dict:
     """``estimate`` of a stage training the UNet ``trained`` beside the ``frozen`` models, activations measured."""
     acts = unet_activations(trained.config, latent, seq_len, p.gradient_checkpointing, precision)
-    return estimate(trained_parameters(trained), module_bytes(*frozen), p, precision, acts)
+    return estimate(count_parameters(trained, trainable_only=True), module_bytes(*frozen), p, precision, acts)
 
 
 def check_fits(name: str, parts_bytes: dict, device_bytes: int, where: str = "this GPU") -> None:
