@@ -32,9 +32,9 @@ def test_bad_params_stop_before_any_work(tmp_path):
 
 def test_dry_run_prints_only_the_stage_section(tmp_path):
     (tmp_path / "params.yaml").write_text("profile: smoke\n")
-    out = cli("run", "evaluate", "--dry-run", "--set", "evaluate.steps=9", cwd=tmp_path)
+    out = cli("run", "evaluate", "--dry-run", "--set", "evaluate.sampling_steps=9", cwd=tmp_path)
     assert out.returncode == 0
-    assert '"steps": 9' in out.stdout and '"teacher"' not in out.stdout
+    assert '"sampling_steps": 9' in out.stdout and '"teacher"' not in out.stdout
 
 
 def test_missing_input_names_the_stage_to_run_first(tmp_path):

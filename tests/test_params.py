@@ -34,6 +34,23 @@ def test_unknown_key_names_key_and_allowed(tmp_path):
     assert "steps" in message and str(path) in message
 
 
+@pytest.mark.parametrize("section, old, value, says", [
+    ("evaluate", "steps", 9, "renamed to evaluate.sampling_steps"),
+    ("evaluate", "baseline_steps", [2, 1], "renamed to evaluate.baseline_sampling_steps"),
+    ("evaluate", "grid_steps", [2, 1], "renamed to evaluate.grid_sampling_steps"),
+    ("halve", "round_steps", {1: 5}, "renamed to halve.round_train_steps"),
+    ("halve", "steps_from", 64, "no longer a param: the first round's teacher always samples in 64 steps"),
+])
+def test_an_old_key_is_refused_by_one_line_naming_the_new_one(tmp_path, section, old, value, says):
+    path = write_params(tmp_path, **{section: {old: value}})
+    with pytest.raises(ParamsError) as err:
+        resolve(path)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{path}") and f"{section}.{old}: {says}" in line
+    with pytest.raises(ParamsError, match=f"{section}.{old}: {says}"):  # from --set too
+        resolve(write_params(tmp_path), [f"{section}.{old}={value}"])
+
+
 def test_wrong_type_and_out_of_range_are_reported_together(tmp_path):
     path = write_params(tmp_path, base={"seed": "abc"}, evaluate={"guidance": 0.5})
     with pytest.raises(ParamsError) as err:

@@ -351,7 +351,7 @@ def test_a_halving_round_under_bf16_keeps_a_bf16_teacher_and_an_fp32_student_cop
     latents = LatentBatches(4, 2, 0.18215, table[-1],
                             lambda step, micro, idx: {"posterior": posterior[idx], "cond": table[idx]})
     p = HalveParams(train=TrainParams(batch_size=2, learning_rate=1e-12, warmup_steps=0, ema_decay=0.0),
-                    round_steps={1: 1})
+                    round_train_steps={1: 1})
     base = BaseParams(device="cpu", mixed_precision="bf16")
     pipe = halve.distill_round(SimpleNamespace(unet=teacher, scheduler=scheduler), latents, 1, 2, p, base, tmp_path)
     assert {w.dtype for w in teacher.parameters()} == {torch.bfloat16}  # the frozen teacher, cast in place

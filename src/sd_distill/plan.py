@@ -24,7 +24,7 @@ from sd_distill.bench.timing import _flops, peak_tflops
 from sd_distill.errors import UserError
 from sd_distill.models import bk, costs, parts
 from sd_distill.models import critic as critic_lib
-from sd_distill.params import HALVING_STEPS, Params, TrainParams
+from sd_distill.params import FIRST_TEACHER_STEPS, HALVING_STEPS, Params, TrainParams
 from sd_distill.training.memory import (HALF, HEADROOM, _plain, estimate, module_bytes, saved_bytes, tiny_activations,
                                         unet_activations, unet_stage_memory)
 
@@ -176,7 +176,7 @@ def _stage_rows(params: Params, m: _Models, f: dict, resolution: int, latent: in
                          f"3 x BK {variant} + guided parent" + text_is,
                          *unet_mem(m.pruned, frozen(m.guided) + [m.text], params.prune.train)))
     for n in HALVING_STEPS:  # every round's teacher has the student's architecture (prune's output, then rounds)
-        k = 2 if h.mode == "progressive" else h.steps_from // n
+        k = 2 if h.mode == "progressive" else FIRST_TEACHER_STEPS // n
         rows.append(_row(f"halve@{n}", h.train_for(n), (3 + k) * f["pruned"] + f["text"],
                          f"3 x student + {k} teacher steps" + text_is,
                          *unet_mem(m.pruned, frozen(m.pruned) + [m.text], h.train_for(n))))

@@ -28,7 +28,7 @@ def equal_quality(metrics: dict) -> dict:
 
 
 def run_models(session: Session, o: Options, project: Path, params) -> dict:
-    """Images/s of models/teacher at ``evaluate.steps`` guided steps, the teacher with DPM-Solver++ at the steps that
+    """Images/s of models/teacher at ``evaluate.sampling_steps`` guided steps, the teacher with DPM-Solver++ at the steps that
     match the student's FID, and models/student, through the stock pipeline in alternating runs."""
     folders = {role: project / "models" / role for role in ("teacher", "student")}
     missing = [str(f) for f in folders.values() if not (f / "model_index.json").is_file()]
@@ -52,7 +52,7 @@ def run_models(session: Session, o: Options, project: Path, params) -> dict:
         raise UserError(f"{card}: missing; the assemble stage writes it with the student's num_inference_steps")
     student_steps = json.loads(card.read_text())["num_inference_steps"]
     prompts = [p.prompt_template.format(word=DIGIT_WORDS[i % 10]) for i in range(o.batch)]
-    todo = [Candidate(f"teacher@{p.steps}", "teacher", "own", p.steps)]
+    todo = [Candidate(f"teacher@{p.sampling_steps}", "teacher", "own", p.sampling_steps)]
     if quality["match"]:
         todo.append(Candidate(quality["match"], "teacher", "dpmpp", quality["match_steps"]))
     todo.append(Candidate(f"student@{student_steps}", "student", "own", student_steps))

@@ -7,7 +7,7 @@ is scored by ``evaluate``'s own suite (the same prompts, sampling seeds and real
 
 - ``seeds``: the ``dmd`` stage's training (``stages.dmd.refine``, the stage's code and params) once per training
   seed, each generator scored at one step: FID, accuracy and diversity as mean ± sd, and their ratios to the
-  teacher at ``evaluate.steps`` CFG steps. 500-image FID moves by a few hundredths between seeds, the size of the
+  teacher at ``evaluate.sampling_steps`` CFG steps. 500-image FID moves by a few hundredths between seeds, the size of the
   gains looked for. The run whose seed is ``base.seed`` must end bit for bit on ``models/dmd`` (checked).
 - ``ablations``: DMD2's rows, each at the default's stage time: ``objective`` dm (no GAN) and gan (no distribution
   matching), ``real_score`` guided (the w-input model, one call, instead of CFG on the guidance-free model). Their
@@ -225,7 +225,7 @@ def snapfusion_students(project: Project, work: Path) -> tuple[dict[int, Path], 
     params = project.params
     p = params.halve.model_copy(update={"loss": "cfg_aware"})
     recipe = {"loss": p.loss, "cfg_prob": p.cfg_prob, "ori_weight": p.ori_weight, "w_min": p.w_min, "w_max": p.w_max,
-              "round_steps": {str(k): v for k, v in p.round_steps.items()}, "seed": params.base.seed}
+              "round_train_steps": {str(k): v for k, v in p.round_train_steps.items()}, "seed": params.base.seed}
     needs = Needs(stage="bench one-step", producer="vpred", prediction_type="v_prediction", guidance_input=False)
     source = project.models / "vpred"
     pipe = load_pipeline(source, needs=needs)
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     host = machine("cpu")
     result = {"machine": f"{host['cores']} cores, {host['cpu']}", "load_average_1m_at_start":
               host["load_average_1m_at_start"], **provenance(),
-              "teacher_steps": project.params.evaluate.steps, "teacher": project.teacher()}
+              "teacher_steps": project.params.evaluate.sampling_steps, "teacher": project.teacher()}
     out.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:  # after every part, so a run stopped later keeps what it measured

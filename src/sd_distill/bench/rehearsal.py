@@ -56,11 +56,11 @@ def overrides(project: Path) -> dict:
         "prepare": {"path": "data/raw", "resolution": SIDE, "min_size": SIDE, "shard_size": 16},
         "teacher": {"source": "teacher"},
         "encode": {"batch_size": 16},
-        "halve": {"round_steps": {n: REHEARSAL_STEPS for n in HALVING_STEPS}},
+        "halve": {"round_train_steps": {n: REHEARSAL_STEPS for n in HALVING_STEPS}},
         "dmd": {"fake_warmup": 1},  # one fake-only step, then one that updates the generator (ratio 10 kept)
         "decoder": {"eval_images": 4},
         "assemble": {"select_images": 4, "batch_size": 4, "inception": str(eval_dir / "inception.pt")},
-        "evaluate": {"steps": 4, "baseline_steps": [2, 1], "batch_size": 4, "images_per_set": EVAL_PROMPTS,
+        "evaluate": {"sampling_steps": 4, "baseline_sampling_steps": [2, 1], "batch_size": 4, "images_per_set": EVAL_PROMPTS,
                      "latency_warmup": 0, "latency_repeats": 1, "grid_columns": 4,
                      "coco_captions": str(eval_dir / "coco" / "captions_val2017.json"),
                      "parti_prompts": str(eval_dir / "PartiPrompts.tsv"), "hpsv2_prompts": str(eval_dir / "hpsv2"),

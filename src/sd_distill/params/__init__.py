@@ -11,13 +11,13 @@ and ``loading`` (reading YAML, ``--set``, layering and the error lines). Import 
 from sd_distill.params.loading import load_yaml, overrides_to_set, parse_set, read_params_file, resolve
 from sd_distill.params.presets import PROFILES
 from sd_distill.params.schema import (
-    DEFAULT_TEMPLATES, HALVING_STEPS, PROFILE_NAMES, SECTIONS, AssembleParams, BaseParams, ClassifierParams,
+    DEFAULT_TEMPLATES, FIRST_TEACHER_STEPS, HALVING_STEPS, PROFILE_NAMES, SECTIONS, AssembleParams, BaseParams, ClassifierParams,
     DecoderArch, DecoderParams, DMDParams, EncodeParams, EvaluateParams, GateBound, GuidanceParams, GuidanceRange,
     HalveParams, Params, ParamsError, PrepareParams, PruneParams, ReferenceParams, RegisterParams, Section, TeacherParams,
     TextArch, TrainParams, UnetArch, VaeArch, VpredParams)
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "HALVING_STEPS", "PROFILES", "PROFILE_NAMES", "SECTIONS", "AssembleParams", "BaseParams",
+    "DEFAULT_TEMPLATES", "FIRST_TEACHER_STEPS", "HALVING_STEPS", "PROFILES", "PROFILE_NAMES", "SECTIONS", "AssembleParams", "BaseParams",
     "ClassifierParams", "DMDParams", "DecoderArch", "DecoderParams", "EncodeParams", "EvaluateParams", "GateBound",
     "GuidanceParams", "GuidanceRange", "HalveParams", "Params", "ParamsError", "PrepareParams", "PruneParams",
     "ReferenceParams", "RegisterParams", "Section", "TeacherParams", "TextArch", "TrainParams", "UnetArch",

@@ -114,13 +114,25 @@ def _given(tree: Any, loc: tuple) -> bool:
     return True
 
 
+# keys that were renamed (old dotted key -> new) or removed (old -> why): a params file with one is refused by a line
+# that names what to write instead, never silently read under the new name
+RENAMED = {"evaluate.steps": "evaluate.sampling_steps", "evaluate.baseline_steps": "evaluate.baseline_sampling_steps",
+           "evaluate.grid_steps": "evaluate.grid_sampling_steps", "halve.round_steps": "halve.round_train_steps"}
+REMOVED = {"halve.steps_from": "the first round's teacher always samples in 64 steps, twice the first round's 32 "
+                               "(the rounds in dvc.yaml); delete the key"}
+
+
 def _format_error(origin, section: str, err: ValidationError, model: type[Section]) -> str:
     """One line per error: ``<where the value came from>: section.key: what is wrong (found value)``."""
     lines = []
     for e in err.errors():
         where = origin((section, *e["loc"]))
         loc = ".".join(str(x) for x in (section, *e["loc"]))
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and loc in RENAMED:
+            lines.append(f"{where}: {loc}: renamed to {RENAMED[loc]}; write that key instead")
+        elif e["type"] == "extra_forbidden" and loc in REMOVED:
+            lines.append(f"{where}: {loc}: no longer a param: {REMOVED[loc]}")
+        elif e["type"] == "extra_forbidden":
             parent = model
             for part in e["loc"][:-1]:
                 field = parent.model_fields.get(str(part))

@@ -29,11 +29,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "decoder": {"arch": {"channels": 8}, "eval_images": 16,
                     "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0}},
         "halve": {"train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "warmup_steps": 0},
-                  "round_steps": {n: 2 for n in HALVING_STEPS}},
+                  "round_train_steps": {n: 2 for n in HALVING_STEPS}},
         "dmd": {"fake_warmup": 1, "update_ratio": 2,
                 "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1}},
         "assemble": {"select_images": 16, "batch_size": 16},
-        "evaluate": {"steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_steps": [2, 1],
+        "evaluate": {"sampling_steps": 4, "samples_per_prompt": 2, "batch_size": 20, "baseline_sampling_steps": [2, 1],
                      "latency_repeats": 2},
     },
     "sd15": {
@@ -104,7 +104,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "train": {"batch_size": 64, "grad_accum": 4, "learning_rate": 1e-4, "lr_schedule": "linear",
                       "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "ema_decay": 0.0,
                       "gradient_checkpointing": True, "allow_tf32": True, "checkpoint_every": 1000, "log_every": 50},
-            "round_steps": {32: 2000, 16: 2000, 8: 5000, 4: 20000, 2: 20000, 1: 20000},
+            "round_train_steps": {32: 2000, 16: 2000, 8: 5000, 4: 20000, 2: 20000, 1: 20000},
         },
         "dmd": {
             # DMD2's SD v1.5 recipe (tianweiy/DMD2 experiments/sdv1.5/*.sh, main/train_sd.py; paper F.3): AdamW lr
@@ -138,7 +138,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "assemble": {"select_images": 1000, "batch_size": 16, "inception": "data/eval/inception-2015-12-05.pt"},
         "evaluate": {"suite": "text-image", "batch_size": 8, "prompt_sets": ["coco", "parti", "hpsv2"],
                      "images_per_set": 1000,
-                     "baseline_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,
+                     "baseline_sampling_steps": [20, 16, 8, 4, 2, 1], "latency_repeats": 10,
                      "coco_captions": "data/eval/coco/annotations/captions_val2017.json",
                      "parti_prompts": "data/eval/PartiPrompts.tsv",
                      "hpsv2_prompts": "data/eval/hpsv2", "inception": "data/eval/inception-2015-12-05.pt"},

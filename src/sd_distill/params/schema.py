@@ -267,8 +267,8 @@ class PruneParams(GuidanceRange):
         "small", description="none: the guided model unchanged; base: one resnet(+attention) fewer per stage; "
                              "small: base without the mid block; tiny: small without the innermost stage")
     task_weight: float = Field(0.0, ge=0, description="denoising loss on the data (v), on the w = 0 share; BK-SDM "
-                                                      "uses 1 (the sd15 preset does); on the tiny profile it cost "
-                                                      "FID (pruned@64 1.12-1.15x the teacher with it, 1.06x without)")
+                                                      "uses 1 (the sd15 preset does); 0 on tiny (the README says "
+                                                      "why)")
     out_kd_weight: float = Field(1.0, ge=0, description="output KD: MSE to the parent's output at the same w")
     feat_kd_weight: float = Field(1.0, ge=0, description="feature KD: MSE at the end of every kept stage")
     task_share: float = Field(0.0, ge=0, le=1, description="share of each batch drawn at w = 0, where the "
@@ -288,15 +288,18 @@ class PruneParams(GuidanceRange):
 HALVING_STEPS = (32, 16, 8, 4, 2, 1)
 
 
+FIRST_TEACHER_STEPS = 2 * HALVING_STEPS[0]  # the first round's teacher (the pruned or guided model) samples in 64
+
+
 class HalveParams(GuidanceRange):
-    steps_from: int = Field(64, description="sampling steps of the first teacher (the pruned or guided model)")
     mode: Literal["progressive", "direct"] = Field(
-        "progressive", description="progressive: N -> N/2 each round; direct: steps_from -> each N in one stage")
+        "progressive", description="progressive: N -> N/2 each round; direct: the first teacher's 64 sampling steps "
+                                   "-> each N in one stage")
     train: TrainParams = TrainParams(steps=200, batch_size=64, learning_rate=1e-4, warmup_steps=10,
                                      ema_decay=0.99, checkpoint_every=100)
-    round_steps: dict[int, int] = Field(
+    round_train_steps: dict[int, int] = Field(
         default_factory=lambda: {32: 150, 16: 150, 8: 150, 4: 200, 2: 200, 1: 200},
-        description="optimizer steps per round, by the student's step count (overrides train.steps)")
+        description="optimizer steps per round, keyed by the round's student sampling steps (overrides train.steps)")
     loss: Literal["plain", "cfg_aware"] = Field(
         "plain", description="plain: the student regresses its teacher's two-step target (Salimans & Ho 2022), the "
                              "w-input chain of dvc.yaml; cfg_aware: SnapFusion's loss (Li et al. 2023, eq. 10-11) for "
@@ -312,16 +315,15 @@ class HalveParams(GuidanceRange):
 
     @model_validator(mode="after")
     def _check(self) -> "HalveParams":
-        if self.steps_from != 2 * HALVING_STEPS[0]:
-            raise ValueError(f"steps_from must be {2 * HALVING_STEPS[0]}: the rounds in dvc.yaml are "
-                             f"{', '.join(map(str, HALVING_STEPS))}")
-        unknown = sorted(set(self.round_steps) - set(HALVING_STEPS))
+        unknown = sorted(set(self.round_train_steps) - set(HALVING_STEPS))
         if unknown:
-            raise ValueError(f"round_steps has keys {unknown}; allowed: {list(HALVING_STEPS)}")
+            raise ValueError(f"round_train_steps has keys {unknown}; allowed (the rounds' student sampling steps): "
+                             f"{list(HALVING_STEPS)}")
         return self
 
-    def train_for(self, steps: int) -> TrainParams:
-        return self.train.model_copy(update={"steps": self.round_steps.get(steps, self.train.steps)})
+    def train_for(self, student_steps: int) -> TrainParams:
+        """The training params of the round whose student samples in ``student_steps``."""
+        return self.train.model_copy(update={"steps": self.round_train_steps.get(student_steps, self.train.steps)})
 
 
 class DMDParams(GuidanceRange):
@@ -428,15 +430,15 @@ class EvaluateParams(Section):
     suite: Literal["digits", "text-image"] = Field(
         "digits", description="digits: classifier accuracy and FID in its feature space on digit prompts (tiny, "
                               "smoke); text-image: the prompt_sets with FID, IS, CLIP score, HPSv2 (sd15)")
-    steps: int = Field(64, ge=1, description="teacher sampling steps (DDIM)")
+    sampling_steps: int = Field(64, ge=1, description="the teacher's sampling steps (DDIM)")
     guidance: float = Field(7.5, ge=1, description="classifier-free guidance scale, diffusers convention")
     samples_per_prompt: int = Field(50, ge=1)
     batch_size: int = Field(125, ge=1)
     prompt_template: str = "a handwritten digit {word}"
     grid_columns: int = Field(10, ge=1)
-    baseline_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="teacher with each solver at these step counts")
+    baseline_sampling_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="teacher with each solver at these step counts")
     baseline_solvers: tuple[Literal["dpmpp", "ddim"], ...] = ("dpmpp", "ddim")
-    grid_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="rows of reports/grid.png under the teacher: the "
+    grid_sampling_steps: tuple[int, ...] = Field((8, 4, 2, 1), description="rows of reports/grid.png under the teacher: the "
                                                                  "steps-N students at these N, then models/student")
     latency_warmup: int = Field(1, ge=0, description="untimed runs before the latency repeats")
     latency_repeats: int = Field(5, ge=1, description="timed runs of one image (batch 1); the median is reported")

@@ -1,7 +1,7 @@
 """Stage ``evaluate``: every model the pipeline made, and what a user would run instead, on the same prompts.
 
 Through the stock pipeline, with the same prompts and seeds for every model: the teacher at ``steps`` (CFG,
-DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_steps``, the guided and pruned models at
+DDIM), the teacher with DPM-Solver++ and DDIM at each of ``baseline_sampling_steps``, the guided and pruned models at
 ``steps``, every ``steps-N`` student at N steps, the DMD2 one-step model, and the assembled student with its tiny
 decoder and with the teacher's VAE. Quality comes from the profile's suite (``sd_distill.scoring``): tiny/smoke score digit prompts by
 classifier accuracy, FID and diversity (per prompt, the RMS distance between two samples) in the classifier's
@@ -15,7 +15,7 @@ throughput at the evaluation batch, and latency: the median time of one image at
 ``latency_repeats`` runs after ``latency_warmup`` (``sd_distill.timing``; CUDA: CUDA events, with peak memory).
 
 Writes ``reports/metrics.json`` (DVC metrics), ``reports/quality_vs_steps.csv`` and ``reports/pareto.csv`` (DVC
-plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_steps``, the assembled student; columns:
+plots), ``reports/grid.png`` (rows: the teacher, the students at ``grid_sampling_steps``, the assembled student; columns:
 the same prompts and seeds), ``reports/pareto.png`` (FID against latency) and ``reports/report.md``.
 """
 
@@ -90,15 +90,15 @@ class Candidate:
 
 
 def candidates(p: EvaluateParams, roles: list[str], student_steps: int | None = None) -> list[Candidate]:
-    """The teacher at ``p.steps``, the teacher with each baseline solver, the guided and pruned models at
-    ``p.steps``, every ``steps-N`` student, the DMD2 one-step model, and the assembled student with its tiny decoder
+    """The teacher at ``p.sampling_steps``, the teacher with each baseline solver, the guided and pruned models at
+    ``p.sampling_steps``, every ``steps-N`` student, the DMD2 one-step model, and the assembled student with its tiny decoder
     and with the VAE."""
-    out = [Candidate(f"teacher@{p.steps}", "teacher", "own", p.steps)]
+    out = [Candidate(f"teacher@{p.sampling_steps}", "teacher", "own", p.sampling_steps)]
     out += [Candidate(f"teacher-{solver}@{n}", "teacher", solver, n)
-            for solver in p.baseline_solvers for n in p.baseline_steps]
+            for solver in p.baseline_solvers for n in p.baseline_sampling_steps]
     for role in ("guided", "pruned"):
         if role in roles:
-            out.append(Candidate(f"{role}@{p.steps}", role, "own", p.steps))
+            out.append(Candidate(f"{role}@{p.sampling_steps}", role, "own", p.sampling_steps))
     for role in sorted((r for r in roles if r.startswith("steps-")), key=lambda r: -int(r.split("-")[1])):
         n = int(role.split("-")[1])
         out.append(Candidate(f"{role}@{n}", role, "own", n))
@@ -154,9 +154,9 @@ def latency(pipe, prompt: str, steps: int, guidance: float, p: EvaluateParams, t
 
 
 def grid_rows(p: EvaluateParams, names: list[str], student_steps: int | None) -> list[str]:
-    """Candidates shown in ``grid.png``, top to bottom: the teacher, the students at ``grid_steps``, the DMD2 model,
+    """Candidates shown in ``grid.png``, top to bottom: the teacher, the students at ``grid_sampling_steps``, the DMD2 model,
     the product."""
-    wanted = [f"teacher@{p.steps}", *(f"steps-{n}@{n}" for n in p.grid_steps), "dmd@1"]
+    wanted = [f"teacher@{p.sampling_steps}", *(f"steps-{n}@{n}" for n in p.grid_sampling_steps), "dmd@1"]
     if student_steps:
         wanted.append(f"student@{student_steps}")
     return [n for n in wanted if n in names]
@@ -191,7 +191,7 @@ def quality_table(models: dict[str, dict], p: EvaluateParams, keys: tuple[str, .
     """Rows for ``quality_vs_steps.csv``: per step count, the students' and each solver's quality figures."""
     keys = tuple(k for k in keys if any(m.get(k) is not None for m in models.values()))
     rows = []
-    for n in sorted(p.baseline_steps):
+    for n in sorted(p.baseline_sampling_steps):
         student = models.get(f"steps-{n}@{n}", {})
         row = {"steps": n, **{f"student_{k}": student.get(k, "") for k in keys}}
         for solver in p.baseline_solvers:
@@ -244,7 +244,7 @@ def main(ctx) -> None:
         log.info("evaluate: %-18s %s  %7.1f ms/image  (%d UNet calls per image)", cand.name,
                  "  ".join(f"{k} {models[cand.name][k]:.3f}" for k in suite.ratio_keys
                            if models[cand.name].get(k) is not None), models[cand.name]["latency_ms"], calls)
-    reference = models[f"teacher@{p.steps}"]
+    reference = models[f"teacher@{p.sampling_steps}"]
     for m in models.values():
         for key in suite.ratio_keys:
             if m.get(key) is not None and reference.get(key):

@@ -6,7 +6,7 @@ where the teacher lands with two, so it samples in N. Timesteps are the student'
 ``DDIMScheduler(timestep_spacing="trailing")`` visits for ``num_inference_steps=N``), each step going from t to
 t - T // N exactly as ``DDIMScheduler.step`` does. The first teacher is ``models/pruned`` (the guided model itself when
 ``prune.variant`` is ``none``). With ``halve.mode: direct`` the teacher is always that first teacher
-at ``steps_from`` steps and spans one student step with steps_from / N of its steps (SnapFusion's direct
+at ``FIRST_TEACHER_STEPS`` (64) steps and spans one student step with 64 / N of its steps (SnapFusion's direct
 distillation), to measure what the multi-round chain accumulates. Output ``models/steps-N/``.
 
 ``distill_round`` also runs SnapFusion's chain (Li et al. 2023, sec. 4.2), which ``bench.one_step`` measures against
@@ -34,7 +34,7 @@ from sd_distill.losses import Denoising, SnapFusionDistillation
 from sd_distill.models.parts import (ModelError, Needs, check_pipeline, frozen, load_pipeline, pick_device,
                                     read_config, source_of)
 from sd_distill.names import MODEL_CARD
-from sd_distill.params import HALVING_STEPS, BaseParams, HalveParams
+from sd_distill.params import FIRST_TEACHER_STEPS, HALVING_STEPS, BaseParams, HalveParams
 from sd_distill.training import memory
 from sd_distill.training.loop import MetricsFn, train
 
@@ -145,7 +145,7 @@ CFG_AWARE_IN_DAG = ("halve.loss is cfg_aware: SnapFusion's loss trains a student
                     "`python -m sd_distill.bench.one_step --parts snapfusion`")
 
 
-def round_steps(stage_name: str) -> int:
+def round_student_steps(stage_name: str) -> int:
     return int(stage_name.split("@")[1])
 
 
@@ -178,11 +178,11 @@ def main(ctx) -> None:
     p: HalveParams = ctx.params.halve
     if p.loss == "cfg_aware":
         raise UserError(CFG_AWARE_IN_DAG)
-    n = round_steps(ctx.stage.name)
+    n = round_student_steps(ctx.stage.name)
     first = p.mode == "direct" or n == HALVING_STEPS[0]  # the first teacher: prune's output
     if p.mode == "direct":
         source = ctx.root / registry.get(f"halve@{HALVING_STEPS[0]}").inputs["teacher"]
-        teacher_steps = p.steps_from
+        teacher_steps = FIRST_TEACHER_STEPS
     else:
         source = ctx.inputs["teacher"]
         teacher_steps = 2 * n
